@@ -1,0 +1,30 @@
+"""The three record shapes every dataset — synthetic or real — is turned into.
+
+`Example` feeds supervised fine-tuning, `Preference` feeds DPO and unlearning, `Probe` is one evaluation prompt.
+Prompts are plain strings; a model's prompt template (chat template, AOA system prompt...) is applied later, in one
+place, so training and evaluation always format the same way.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class Example:
+    prompt: str
+    response: str
+
+
+@dataclass(frozen=True)
+class Preference:
+    prompt: str
+    chosen: str
+    rejected: str
+
+
+@dataclass(frozen=True)
+class Probe:
+    prompt: str
+    unsafe: bool  # the ground truth (synthetic oracle) or the dataset's label
+    target: str | None = None  # the exact compliant response, where one exists (synthetic world)
+    meta: dict = field(default_factory=dict, compare=False)
