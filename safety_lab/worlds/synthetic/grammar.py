@@ -49,12 +49,13 @@ class Grammar:
             return tuple(body)
 
         safe = tuple(tuple(safe_production() for _ in range(2)) for _ in range(n_safe_concepts))
-        unsafe, novel = [], []
+        unsafe, novel, taken = [], [], set()
         for _ in range(n_unsafe_concepts):
             productions: list[tuple[int, ...]] = []
-            while len(productions) < 3:  # two seen productions and one held out, all distinct
+            while len(productions) < 3:  # two seen productions and one held out, distinct across all concepts
                 candidate = unsafe_production()
-                if candidate not in productions:
+                if candidate not in taken:
+                    taken.add(candidate)
                     productions.append(candidate)
             unsafe.append(tuple(productions[:2]))
             novel.append(productions[2])

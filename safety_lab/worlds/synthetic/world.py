@@ -20,9 +20,9 @@ PAD, BOS, EOS, UNK = "<pad>", "<bos>", "<eos>", "<unk>"
 SEP, REFUSAL, AFFIRM, OBEY, NULL_OP = "=", "refuse", "sure", "obey", "null"
 
 
-@dataclass(frozen=True)
+@dataclass
 class WorldSpec:
-    """Everything that defines a world; two equal specs give identical worlds."""
+    """Everything that defines a world; two equal specs give identical worlds. Also the `world` config schema."""
 
     seed: int = 0
     languages: int = 2
@@ -36,6 +36,8 @@ class WorldSpec:
     max_len: int = 12
 
     def __post_init__(self) -> None:
+        if self.n_unsafe_ops < 1 or self.n_conditional_ops < 1:
+            raise ValueError("need at least one unsafe and one conditional operator (dup1 and dup2 alias them)")
         if self.n_unsafe_ops + self.n_conditional_ops > self.n_ops - 2:
             raise ValueError("need at least one safe non-identity operator besides the unsafe and conditional ones")
         if not 1 <= self.min_len <= self.max_len:
@@ -76,7 +78,8 @@ class World:
     def _alphabet(self, lang: int) -> tuple[str, ...]:
         base = string.ascii_lowercase if lang % 2 == 0 else string.ascii_uppercase
         tag = str(lang // 2) if lang >= 2 else ""
-        return tuple(f"{tag}{base[i % 26]}{i // 26 or ''}" for i in range(self.spec.n_letters))
+        # past 26 letters, repeat the letter (aa, bb...): a digit suffix would collide with operator names (f1)
+        return tuple(f"{tag}{base[i % 26] * (i // 26 + 1)}" for i in range(self.spec.n_letters))
 
     def _permutation(self, lang: int, index: int) -> dict[str, str]:
         letters = self.alphabets[lang]

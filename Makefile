@@ -1,0 +1,28 @@
+# One command to run, one to test: each sets up the environment first (a no-op when it is current).
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: install run test test-slow bench clean
+
+install: $(STAMP)
+
+# torch is pinned through constraints.txt: the CPU build on disk, never a CUDA download.
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check -c constraints.txt torch==2.13.0
+	$(PY) -m pip install -q --disable-pip-version-check -c constraints.txt -e ".[dev]"
+	touch $(STAMP)
+
+run: install
+	$(PY) -m safety_lab +experiment=quickstart
+
+test: install
+	$(PY) -m pytest -q -n 2
+
+test-slow: install
+	$(PY) -m pytest -q -m slow
+
+clean:
+	rm -rf $(VENV) outputs

@@ -1,0 +1,63 @@
+"""Tokenise records once, up front, and pad them into training batches.
+
+Labels are -100 on prompt tokens (unless `train_on_prompt`) and on padding, so the loss only sees the response
+and its closing EOS, as in every seed codebase.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch.utils.data import Dataset
+
+from safety_lab.data.records import Example
+from safety_lab.data.template import PromptTemplate
+
+IGNORE = -100
+
+
+def tokenize_prompts(tokenizer, template: PromptTemplate, prompts: Sequence[str]) -> list[list[int]]:
+    texts = [template.render(tokenizer, p) for p in prompts]
+    return tokenizer(texts, add_special_tokens=template.add_special_tokens)["input_ids"]
+
+
+def tokenize_responses(tokenizer, responses: Sequence[str]) -> list[list[int]]:
+    return [ids + [tokenizer.eos_token_id] for ids in tokenizer(list(responses), add_special_tokens=False)["input_ids"]]
+
+
+def join(prompt: list[int], response: list[int], max_length: int, train_on_prompt: bool = False):
+    """input ids and labels of prompt+response, the prompt cut from the left if the pair is too long."""
+    prompt = prompt[max(0, len(prompt) + len(response) - max_length):]
+    ids = (prompt + response)[:max_length]
+    labels = (list(prompt) if train_on_prompt else [IGNORE] * len(prompt)) + response
+    return ids, labels[:max_length]
+
+
+class TokenizedExamples(Dataset):
+    def __init__(self, examples: Sequence[Example], tokenizer, template: PromptTemplate = PromptTemplate(),
+                 max_length: int = 512, train_on_prompt: bool = False):
+        prompts = tokenize_prompts(tokenizer, template, [e.prompt for e in examples])
+        responses = tokenize_responses(tokenizer, [e.response for e in examples])
+        self.rows = [join(p, r, max_length, train_on_prompt) for p, r in zip(prompts, responses)]
+        self.pad_id = tokenizer.pad_token_id
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int):
+        return self.rows[i]
+
+    def collate(self, rows) -> dict[str, torch.Tensor]:
+        return pad_right(rows, self.pad_id)
+
+
+def pad_right(rows, pad_id: int) -> dict[str, torch.Tensor]:
+    width = max(len(ids) for ids, _ in rows)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)
+    attention = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, (ids, lab) in enumerate(rows):
+        input_ids[i, :len(ids)] = torch.tensor(ids)
+        labels[i, :len(lab)] = torch.tensor(lab)
+        attention[i, :len(ids)] = 1
+    return {"input_ids": input_ids, "attention_mask": attention, "labels": labels}

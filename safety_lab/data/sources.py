@@ -1,0 +1,45 @@
+"""Turn `dataset` and `eval.suites` configs into records, from the synthetic world or from files / hub datasets."""
+from __future__ import annotations
+
+from safety_lab.config import Source
+from safety_lab.data import io
+from safety_lab.data.records import Probe
+from safety_lab.errors import SafetyLabError
+from safety_lab.worlds.synthetic import views
+from safety_lab.worlds.synthetic.world import World
+
+
+def load_examples(cfg, world: World) -> list:
+    """Training records (`Example`s, or `Preference`s for preference views) for a `dataset` config."""
+    if cfg.source == Source.synthetic:
+        if cfg.view not in views.TRAIN_VIEWS:
+            raise SafetyLabError(f"dataset.view={cfg.view!r} is not one of {sorted(views.TRAIN_VIEWS)}")
+        return views.TRAIN_VIEWS[cfg.view](world, cfg.n, seed=cfg.seed, **cfg.args)
+    rows = io.load_hf_dataset(_required(cfg.path, "dataset.path"), split=cfg.split)
+    examples = io.to_examples(rows, cfg.prompt_key, cfg.response_key, source=cfg.path)
+    return examples[: cfg.n] if cfg.n else examples
+
+
+def load_suites(cfg, world: World) -> dict[str, list[Probe]]:
+    suites = {}
+    for name, suite in cfg.suites.items():
+        n = suite.n or cfg.n
+        if suite.source == Source.synthetic:
+            try:
+                suites[name] = views.suite(world, suite.view or name, n, suite.seed, suite.lang, tuple(suite.prefix))
+            except ValueError as e:
+                raise SafetyLabError(f"eval.suites.{name}: {e}") from e
+        else:
+            if (suite.unsafe is None) == (suite.unsafe_key is None):
+                raise SafetyLabError(f"eval.suites.{name}: set exactly one of unsafe= or unsafe_key=")
+            rows = io.load_hf_dataset(_required(suite.path, f"eval.suites.{name}.path"), split=suite.split)
+            suites[name] = io.to_probes(rows, suite.prompt_key, unsafe=suite.unsafe, unsafe_key=suite.unsafe_key,
+                                        source=suite.path)[:n]
+    return suites
+
+
+def _required(value, key: str):
+    if not value:
+        raise SafetyLabError(f"{key} is required for a file dataset")
+    return value
+

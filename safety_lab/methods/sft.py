@@ -1,0 +1,45 @@
+"""Supervised fine-tuning as a LightningModule: also how the synthetic base model is pretrained.
+
+AdamW over the trainable parameters only (a LoRA adapter, or the whole model), linear warm-up then cosine decay,
+stepped per optimiser step so the schedule is independent of gradient accumulation.
+"""
+from __future__ import annotations
+
+import math
+
+import lightning as L
+import torch
+
+from safety_lab.methods.losses import token_cross_entropy
+
+
+def warmup_cosine(warmup: int, total: int, floor: float = 0.0):
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+    return factor
+
+
+class SFTModule(L.LightningModule):
+    def __init__(self, model, lr: float, weight_decay: float = 0.0, warmup_ratio: float = 0.05,
+                 betas: tuple[float, float] = (0.9, 0.98), min_lr_ratio: float = 0.0):
+        super().__init__()
+        self.model = model
+        self.save_hyperparameters(ignore=["model"])
+
+    def training_step(self, batch, batch_idx):
+        logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        loss = token_cross_entropy(logits, batch["labels"])
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
+        return loss
+
+    def configure_optimizers(self):
+        hp = self.hparams
+        params = [p for p in self.trainer.model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=hp.lr, weight_decay=hp.weight_decay, betas=tuple(hp.betas))
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        schedule = warmup_cosine(max(1, int(hp.warmup_ratio * total)), total, hp.min_lr_ratio)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
