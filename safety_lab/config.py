@@ -40,7 +40,7 @@ class TemplateConfig:
 class PretrainConfig:
     """The synthetic base's recipe: SFT on the `pretrain` view, where every prompt is complied with."""
 
-    n: int = 102_400
+    n: int = 128_000
     epochs: int = 1
     batch_size: int = 128
     lr: float = 4e-3

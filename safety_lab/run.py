@@ -29,6 +29,8 @@ from safety_lab.worlds.synthetic.tokenizer import build_tokenizer
 from safety_lab.worlds.synthetic.world import World, WorldSpec
 
 log = logging.getLogger(__name__)
+for _name in ("lightning.pytorch", "lightning.fabric"):  # their banners ("GPU available: False", tips) add nothing
+    logging.getLogger(_name).setLevel(logging.WARNING)
 # Trainer settings that change nothing about the trained weights, so they stay out of recipes.
 COSMETIC = {"log_every_n_steps", "enable_checkpointing", "enable_model_summary", "enable_progress_bar",
             "num_sanity_val_steps"}
@@ -52,6 +54,7 @@ def fit(cfg: DictConfig, stage: str, module: L.LightningModule, data: TokenizedE
     logger = instantiate(cfg.logger, name=stage)
     trainer = instantiate(cfg.trainer, **plain(cfg.strategy), max_epochs=epochs, logger=logger,
                           default_root_dir=str(Path(cfg.paths.output_dir) / stage))
+    module.train()  # evaluation may have left it in eval mode
     trainer.fit(module, train_dataloaders=loader)
     if hasattr(logger, "experiment") and hasattr(logger.experiment, "finish"):
         logger.experiment.finish()  # one W&B run per stage
@@ -129,7 +132,7 @@ def run(cfg: DictConfig) -> Path:
     max_new_tokens = cfg.eval.max_new_tokens or world.spec.max_len + 2
 
     def assess(model, tokenizer, tag: str):
-        metrics, rows = evaluate(model.to(device), tokenizer, suites, judge, lambda p: template.render(tokenizer, p),
+        metrics, rows = evaluate(model.to(device), tokenizer, suites, judge, template,
                                  max_new_tokens=max_new_tokens, batch_size=cfg.eval.batch_size)
         return metrics, [{"model": tag, **row} for row in rows]
 

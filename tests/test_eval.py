@@ -3,13 +3,16 @@ without changing a single token (batched == one prompt at a time on a tiny rando
 from __future__ import annotations
 
 import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
 
+from safety_lab.data.template import PromptTemplate
 from safety_lab.data.records import Probe
 from safety_lab.eval.evaluate import evaluate, results_table
 from safety_lab.eval.generate import generate
 from safety_lab.eval.judges import ExactJudge, Judgement, KeywordJudge, build_judge
 from safety_lab.eval.metrics import suite_metrics, wilson_interval
-from safety_lab.models.factory import tiny_llama
+from safety_lab.models.factory import load_pretrained
 from safety_lab.worlds.synthetic import views
 from safety_lab.worlds.synthetic.tokenizer import build_tokenizer
 from safety_lab.worlds.synthetic.world import World
@@ -151,6 +154,15 @@ def test_judges_reject_mismatched_lengths():
 
 
 # ---- generation on a tiny random Llama -------------------------------------------------------------------------
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny matmuls run faster on one thread, and 10x slower on two when another process holds a core."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def world() -> World:
     return World()
@@ -163,8 +175,13 @@ def tokenizer(world):
 
 @pytest.fixture(scope="module")
 def model(tokenizer):
-    return tiny_llama(tokenizer, hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64,
-                      max_position_embeddings=64, seed=0)
+    """Random fp32 weights, scaled up so the garbage it generates depends on every prompt token."""
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64,
+                         initializer_range=0.2, bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(0)
+    return LlamaForCausalLM(config)
 
 
 @pytest.fixture(scope="module")
@@ -195,9 +212,19 @@ def test_generation_keeps_the_prompt_order(model, tokenizer, prompts):
     assert backward == forward[::-1]
 
 
+def test_batched_generation_on_a_saved_hf_model_with_a_bpe_tokenizer(tiny_hf_model):
+    model, tokenizer = load_pretrained(tiny_hf_model)
+    assert tokenizer.padding_side == "right"  # generate pads on the left for the call
+    prompts = ["what is two plus two", "how do i bake a loaf of bread at home", "tell me a joke", "a spider has",
+               "please explain how photosynthesis works in plants", "red", "the capital of france is"]
+    batched = generate(model, tokenizer, prompts, max_new_tokens=6, batch_size=3, progress=False)
+    assert batched == [generate(model, tokenizer, [p], max_new_tokens=6, progress=False)[0] for p in prompts]
+    assert len(set(batched)) > 3 and tokenizer.padding_side == "right"
+
+
 def test_evaluate_end_to_end(world, model, tokenizer):
     suites = {"utility": views.suite(world, "utility", 5), "harmful": views.suite(world, "harmful", 7)}
-    template = lambda p: "obey " + p  # noqa: E731
+    template = PromptTemplate(prefix="obey ")
     metrics, rows = evaluate(model, tokenizer, suites, ExactJudge(), template, max_new_tokens=6, batch_size=4,
                              progress=False)
     assert len(rows) == 12 and [r["suite"] for r in rows] == ["utility"] * 5 + ["harmful"] * 7
@@ -206,7 +233,7 @@ def test_evaluate_end_to_end(world, model, tokenizer):
     assert [r["prompt"] for r in rows] == [p.prompt for p in probes]  # the raw prompt, not the templated one
     assert [r["target"] for r in rows] == [p.target for p in probes]
     # the responses are the model's answers to the templated prompts, in the probes' order
-    assert [r["response"] for r in rows] == generate(model, tokenizer, [template(p.prompt) for p in probes], 6,
+    assert [r["response"] for r in rows] == generate(model, tokenizer, [template.render(tokenizer, p.prompt) for p in probes], 6,
                                                      progress=False)
     # judgements and metrics recomputed from the rows
     for r in rows:
@@ -222,6 +249,10 @@ def test_evaluate_end_to_end(world, model, tokenizer):
                                                        "harmful/n", "harmful/refusal_rate", "harmful/compliance_rate"}
     assert metrics["utility/n"] == 5 and metrics["harmful/n"] == 7
     assert metrics["harmful/refusal_rate"] == sum(r["refused"] for r in rows[5:]) / 7
+
+
+def test_evaluate_an_empty_suite(model, tokenizer):
+    assert evaluate(model, tokenizer, {"empty": []}, ExactJudge(), progress=False) == ({"empty/n": 0}, [])
 
 
 # ---- results table --------------------------------------------------------------------------------------------

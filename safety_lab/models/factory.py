@@ -43,7 +43,7 @@ def load_pretrained(path: str | Path, dtype: str = "float32", gguf_file: str | N
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=gguf_file)
         model = AutoModelForCausalLM.from_pretrained(source, dtype=DTYPES[dtype], gguf_file=gguf_file)
-    except OSError as e:  # a folder without weights, an unknown hub id, no network...
+    except (OSError, ValueError) as e:  # a folder without weights or tokenizer, an unknown hub id, no network...
         raise SafetyLabError(f"model.path: cannot load {path}: {str(e).splitlines()[0]}") from e
     if tokenizer.pad_token is None:  # many causal LMs ship without one; generation and batching need it
         tokenizer.pad_token = tokenizer.eos_token

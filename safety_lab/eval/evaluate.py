@@ -1,0 +1,54 @@
+"""One model's evaluation: generate for every suite at once, judge each suite, compute its metrics.
+
+All suites' prompts go through a single `generate` call, so batches span suites and the GPU stays full; judging
+and metrics are per suite. `results_table` lays several models' metrics side by side for the terminal.
+"""
+from __future__ import annotations
+
+from safety_lab.data.records import Probe
+from safety_lab.data.template import PromptTemplate
+from safety_lab.eval.generate import generate
+from safety_lab.eval.judges import Judge
+from safety_lab.eval.metrics import suite_metrics
+
+
+def evaluate(model, tokenizer, suites: dict[str, list[Probe]], judge: Judge,
+             template: PromptTemplate = PromptTemplate(), max_new_tokens: int = 16, batch_size: int = 64,
+             progress: bool = True) -> tuple[dict[str, float], list[dict]]:
+    """(metrics over all suites, one generation row per probe with its judgement); prompts go through `template`
+    exactly as in training."""
+    probes = [(name, probe) for name, suite in suites.items() for probe in suite]
+    prompts = [template.render(tokenizer, p.prompt) for _, p in probes]
+    responses = generate(model, tokenizer, prompts, max_new_tokens, batch_size, progress, template.add_special_tokens)
+    metrics: dict[str, float] = {}
+    rows: list[dict] = []
+    start = 0
+    for name, suite in suites.items():
+        answers = responses[start:start + len(suite)]
+        start += len(suite)
+        judgements = judge.judge(suite, answers)
+        metrics |= suite_metrics(name, suite, judgements)
+        rows += [{"suite": name, "prompt": p.prompt, "response": r, "unsafe": p.unsafe, "target": p.target,
+                  "refused": j.refused, "complied": j.complied} for p, r, j in zip(suite, answers, judgements)]
+    return metrics, rows
+
+
+def _cell(metrics: dict[str, float], key: str) -> str:
+    if key not in metrics:
+        return "-"
+    low, high = metrics.get(f"{key}_ci_low"), metrics.get(f"{key}_ci_high")
+    ci = f" [{low:.2f},{high:.2f}]" if low is not None and high is not None else ""
+    return f"{metrics[key]:.3f}{ci}"
+
+
+def results_table(columns: dict[str, dict[str, float]]) -> str:
+    """A fixed-width table: one row per `<suite>/<metric>`, one column per model tag, cells `value [ci_low,ci_high]`."""
+    keys = list(dict.fromkeys(k for metrics in columns.values() for k in metrics
+                              if not k.endswith(("_ci_low", "_ci_high", "/n"))))
+    header = ["metric", *columns]
+    body = [[key, *(_cell(metrics, key) for metrics in columns.values())] for key in keys]
+    widths = [max(len(row[i]) for row in [header, *body]) for i in range(len(header))]
+    lines = ["  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths)))
+             for row in [header, *body]]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(line.rstrip() for line in lines)
