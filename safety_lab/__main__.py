@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import sys
+import warnings
 
 import hydra
 from omegaconf import DictConfig
@@ -10,6 +11,9 @@ from safety_lab.config import register
 from safety_lab.errors import SafetyLabError
 
 register()
+# library deprecation notices (transformers, peft, Lightning) are not the user's to act on
+warnings.filterwarnings("ignore", category=FutureWarning)
+warnings.filterwarnings("ignore", message=".*LeafSpec.*")
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")

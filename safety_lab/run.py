@@ -1,30 +1,34 @@
-"""The pipeline of one run (DESIGN.md §3): base model → method → evaluation → metrics.json, and nothing else.
+"""The pipeline of one run (DESIGN.md §3): base model → stages → evaluation → metrics.json, and nothing else.
 
-Every trained thing comes from the artifact store by recipe: the synthetic base is pretrained once and the method's
-adapter is trained once per (base, method, data, seed); re-running a finished experiment only evaluates.
+A *stage* is a (method, dataset) pair applied to a model. Every trained thing comes from the artifact store by
+recipe: the synthetic base is pretrained once, an optional `align` stage (e.g. safety SFT) is trained once and
+merged into the base, and the run's own `method` on `dataset` is trained once per (base, method, data, seed).
+Re-running a finished experiment only evaluates.
 """
 from __future__ import annotations
 
+import inspect
 import json
 import logging
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import lightning as L
 import torch
-from hydra.utils import instantiate
+from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from safety_lab.artifacts import ArtifactStore, write_json_atomic
-from safety_lab.config import ModelKind, Source
+from safety_lab.config import ModelKind
 from safety_lab.data.collate import TokenizedExamples
 from safety_lab.data.sources import load_examples, load_suites
 from safety_lab.data.template import PromptTemplate
 from safety_lab.errors import SafetyLabError
 from safety_lab.eval.evaluate import evaluate, results_table
 from safety_lab.eval.judges import build_judge
+from safety_lab.methods import registry
 from safety_lab.methods.sft import SFTModule
 from safety_lab.models.factory import load_pretrained, save_pretrained, tiny_llama
-from safety_lab.models.lora import attach_lora, load_adapter, save_adapter
 from safety_lab.worlds.synthetic.tokenizer import build_tokenizer
 from safety_lab.worlds.synthetic.world import World, WorldSpec
 
@@ -36,113 +40,133 @@ COSMETIC = {"log_every_n_steps", "enable_checkpointing", "enable_model_summary",
             "num_sanity_val_steps"}
 
 
-def plain(node) -> dict:
-    return OmegaConf.to_container(node, resolve=True, enum_to_str=True)
+def plain(node):
+    return OmegaConf.to_container(node, resolve=True, enum_to_str=True) if node is not None else None
 
 
-def training_recipe(cfg: DictConfig) -> dict:
-    trainer = {k: v for k, v in plain(cfg.trainer).items() if k not in COSMETIC}
-    return {"trainer": trainer, "strategy": plain(cfg.strategy)}
+@dataclass
+class Context:
+    """What every stage needs: the config, the store, the world, the prompt template, and how to train."""
+
+    cfg: DictConfig
+    store: ArtifactStore
+    world: World
+    template: PromptTemplate
+    methods: dict = field(default_factory=registry)
+    plain = staticmethod(plain)
+
+    @property
+    def training_recipe(self) -> dict:
+        trainer = {k: v for k, v in plain(self.cfg.trainer).items() if k not in COSMETIC}
+        return {"trainer": trainer, "strategy": plain(self.cfg.strategy)}
+
+    def examples(self, dataset_cfg) -> list:
+        return load_examples(dataset_cfg, self.world)
+
+    def fit(self, stage: str, module: L.LightningModule, data: TokenizedExamples, batch_size: int, epochs: int,
+            seed: int) -> dict:
+        """Train `module` with the configured Trainer, strategy and logger; returns the last logged metrics."""
+        cfg = self.cfg
+        L.seed_everything(seed, workers=True, verbose=False)
+        loader = torch.utils.data.DataLoader(data, batch_size=batch_size, shuffle=True, collate_fn=data.collate,
+                                             generator=torch.Generator().manual_seed(seed))
+        logger = instantiate(cfg.logger, name=stage)
+        trainer = instantiate(cfg.trainer, **plain(cfg.strategy), max_epochs=epochs, logger=logger,
+                              default_root_dir=str(Path(cfg.paths.output_dir) / stage))
+        module.train()  # evaluation may have left it in eval mode
+        trainer.fit(module, train_dataloaders=loader)
+        if hasattr(logger, "experiment") and hasattr(logger.experiment, "finish"):
+            logger.experiment.finish()  # one W&B run per stage
+        return {k: float(v) for k, v in trainer.callback_metrics.items()}
+
+    def method(self, name: str):
+        if name not in self.methods:
+            raise SafetyLabError(f"method={name!r} is not one of {sorted(self.methods)}")
+        return self.methods[name]
+
+    def apply_stage(self, model, tokenizer, base_id: str, method_cfg, dataset_cfg) -> tuple[object, str]:
+        """(model with the stage applied, artifact id): trained on first use, loaded from the store afterwards."""
+        method = self.method(method_cfg.name)
+        recipe = {"base": base_id, "method": plain(method_cfg), "dataset": plain(dataset_cfg),
+                  "seed": self.cfg.seed, "template": plain(self.cfg.model.template), **self.training_recipe}
+        if dataset_cfg.get("source") == "synthetic":
+            recipe["world"] = plain(self.cfg.world)
+        trained = {}
+
+        def build(folder: Path) -> dict:
+            trained["model"], metrics = method.train(self, model, tokenizer, method_cfg, dataset_cfg)
+            method.save(trained["model"], tokenizer, folder)
+            return metrics
+
+        folder = self.store.get_or_build(method.kind(method_cfg), recipe, build)
+        tuned = trained.get("model") or method.load(self, model, folder)
+        return tuned, f"{folder.parent.name}/{folder.name}"
 
 
-def fit(cfg: DictConfig, stage: str, module: L.LightningModule, data: TokenizedExamples, batch_size: int,
-        epochs: int, seed: int) -> dict:
-    """Train `module` with the configured Trainer, strategy and logger; returns the last logged metrics."""
-    L.seed_everything(seed, workers=True, verbose=False)
-    loader = torch.utils.data.DataLoader(data, batch_size=batch_size, shuffle=True, collate_fn=data.collate,
-                                         generator=torch.Generator().manual_seed(seed))
-    logger = instantiate(cfg.logger, name=stage)
-    trainer = instantiate(cfg.trainer, **plain(cfg.strategy), max_epochs=epochs, logger=logger,
-                          default_root_dir=str(Path(cfg.paths.output_dir) / stage))
-    module.train()  # evaluation may have left it in eval mode
-    trainer.fit(module, train_dataloaders=loader)
-    if hasattr(logger, "experiment") and hasattr(logger.experiment, "finish"):
-        logger.experiment.finish()  # one W&B run per stage
-    return {k: float(v) for k, v in trainer.callback_metrics.items()}
-
-
-def resolve_base(cfg: DictConfig, store: ArtifactStore, world: World):
-    """(model, tokenizer, base id): a hub/local model as is, or the synthetic base from its store recipe."""
-    m = cfg.model
+def resolve_base(ctx: Context):
+    """(model, tokenizer, base id): a hub/local model as is, or the synthetic base from its store recipe; then
+    the `align` stage, if any, merged in."""
+    cfg, m = ctx.cfg, ctx.cfg.model
     if m.kind == ModelKind.hf:
         model, tokenizer = load_pretrained(m.path, m.dtype, m.gguf_file)
-        return model, tokenizer, str(m.path)
-    recipe = {"model": plain(m), "world": plain(cfg.world), **training_recipe(cfg)}
-    recipe["model"].pop("template")
+        base_id = str(m.path)
+    else:
+        recipe = {"model": {k: v for k, v in plain(m).items() if k != "template"}, "world": plain(cfg.world),
+                  **ctx.training_recipe}
 
-    def pretrain(folder: Path) -> dict:
-        p = m.pretrain
-        tokenizer = build_tokenizer(world)
-        model = tiny_llama(tokenizer, m.hidden_size, m.num_layers, m.num_heads, m.intermediate_size,
-                           m.max_position_embeddings, seed=p.seed)
-        data = TokenizedExamples(load_examples(OmegaConf.create({"source": Source.synthetic, "view": "pretrain",
-                                                                 "n": p.n, "seed": p.seed, "args": {}}), world),
-                                 tokenizer, max_length=m.max_length)
-        module = SFTModule(model, lr=p.lr, warmup_ratio=p.warmup_ratio)
-        metrics = fit(cfg, "pretrain", module, data, p.batch_size, p.epochs, p.seed)
-        save_pretrained(model, tokenizer, folder)
-        return metrics
+        def pretrain(folder: Path) -> dict:
+            p = m.pretrain
+            tokenizer = build_tokenizer(ctx.world)
+            model = tiny_llama(tokenizer, m.hidden_size, m.num_layers, m.num_heads, m.intermediate_size,
+                               m.max_position_embeddings, seed=p.seed)
+            data_cfg = OmegaConf.create({"source": "synthetic", "view": "pretrain", "n": p.n, "seed": p.seed,
+                                         "args": {}})
+            data = TokenizedExamples(ctx.examples(data_cfg), tokenizer, max_length=m.max_length)
+            metrics = ctx.fit("pretrain", SFTModule(model, lr=p.lr, warmup_ratio=p.warmup_ratio), data,
+                              p.batch_size, p.epochs, p.seed)
+            save_pretrained(model, tokenizer, folder)
+            return metrics
 
-    folder = store.get_or_build("base", recipe, pretrain)
-    model, tokenizer = load_pretrained(folder)
-    return model, tokenizer, folder.name
-
-
-def train_method(cfg: DictConfig, store: ArtifactStore, world: World, model, tokenizer, base_id: str,
-                 template: PromptTemplate):
-    """The base with the method applied: trained on first use, loaded from the store afterwards."""
-    method = cfg.method
-    if method.name == "none":
-        return model
-    if method.name != "sft":
-        raise SafetyLabError(f"method={method.name!r} is not available yet (choose sft or none)")
-    recipe = {"base": base_id, "method": plain(method), "dataset": plain(cfg.dataset), "seed": cfg.seed,
-              "template": plain(cfg.model.template), **training_recipe(cfg)}
-    if cfg.dataset.source == Source.synthetic:
-        recipe["world"] = plain(cfg.world)
-    kind = "adapter" if method.lora else "model"
-    trained = {}
-
-    def build(folder: Path) -> dict:
-        examples = load_examples(cfg.dataset, world)
-        tuned = attach_lora(model, **plain(method.lora)) if method.lora else model
-        data = TokenizedExamples(examples, tokenizer, template, cfg.model.max_length, method.train_on_prompt)
-        module = SFTModule(tuned, lr=method.lr, weight_decay=method.weight_decay, warmup_ratio=method.warmup_ratio,
-                           min_lr_ratio=method.min_lr_ratio)
-        metrics = fit(cfg, method.name, module, data, method.batch_size, method.epochs, cfg.seed)
-        (save_adapter(tuned, folder) if method.lora else save_pretrained(tuned, tokenizer, folder))
-        trained["model"] = tuned
-        return metrics
-
-    folder = store.get_or_build(kind, recipe, build)
-    if "model" in trained:
-        return trained["model"]
-    return load_adapter(model, folder) if method.lora else load_pretrained(folder)[0]
+        folder = ctx.store.get_or_build("base", recipe, pretrain)
+        model, tokenizer = load_pretrained(folder)
+        base_id = f"base/{folder.name}"
+    if cfg.get("align"):
+        aligned, base_id = ctx.apply_stage(model, tokenizer, base_id, cfg.align.method, cfg.align.dataset)
+        model = aligned.merge_and_unload() if hasattr(aligned, "merge_and_unload") else aligned
+    return model, tokenizer, base_id
 
 
 def run(cfg: DictConfig) -> Path:
     out = Path(cfg.paths.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    judge = build_judge(cfg.eval.judge, **cfg.eval.judge_args)  # a bad judge fails before any model loads
+    try:  # bad settings fail before any model loads
+        judge = build_judge(cfg.eval.judge, **cfg.eval.judge_args)
+    except (TypeError, ValueError) as e:
+        raise SafetyLabError(f"eval.judge: {e}") from e
+    try:
+        inspect.signature(get_class(cfg.trainer._target_)).bind(
+            **{k: v for k, v in cfg.trainer.items() if k != "_target_"}, **cfg.strategy)
+    except TypeError as e:
+        raise SafetyLabError(f"trainer / strategy: {e} (of {cfg.trainer._target_})") from e
     world = World(WorldSpec(**plain(cfg.world)))
     suites = load_suites(cfg.eval, world)
-    template = PromptTemplate(**plain(cfg.model.template))
-    store = ArtifactStore(cfg.paths.artifacts)
+    ctx = Context(cfg, ArtifactStore(cfg.paths.artifacts), world, PromptTemplate(**plain(cfg.model.template)))
+    ctx.method(cfg.method.name)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     max_new_tokens = cfg.eval.max_new_tokens or world.spec.max_len + 2
 
     def assess(model, tokenizer, tag: str):
-        metrics, rows = evaluate(model.to(device), tokenizer, suites, judge, template,
+        metrics, rows = evaluate(model.to(device), tokenizer, suites, judge, ctx.template,
                                  max_new_tokens=max_new_tokens, batch_size=cfg.eval.batch_size)
         return metrics, [{"model": tag, **row} for row in rows]
 
-    model, tokenizer, base_id = resolve_base(cfg, store, world)
+    model, tokenizer, base_id = resolve_base(ctx)
     columns, generations = {}, []
     if cfg.eval.base or cfg.method.name == "none":
         columns["base"], rows = assess(model, tokenizer, "base")
         generations += rows
     if cfg.method.name != "none":
-        tuned = train_method(cfg, store, world, model.cpu(), tokenizer, base_id, template)
+        tuned, _ = ctx.apply_stage(model.cpu(), tokenizer, base_id, cfg.method, cfg.dataset)
         columns[cfg.method.name], rows = assess(tuned, tokenizer, cfg.method.name)
         generations += rows
 

@@ -6,7 +6,13 @@ hub checkpoint, so `AutoTokenizer`/`AutoModelForCausalLM.from_pretrained(<folder
 """
 from __future__ import annotations
 
+import os
+
 import pytest
+import torch
+
+if os.environ.get("PYTEST_XDIST_WORKER"):  # two workers on two cores: one thread each, no oversubscription
+    torch.set_num_threads(1)
 
 SENTENCES = [
     "the quick brown fox jumps over the lazy dog",

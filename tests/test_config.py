@@ -190,10 +190,14 @@ HYDRA_HINT = "Set the environment variable HYDRA_FULL_ERROR"
 PROGRESS_BAR = re.compile(r"\d+%\|")
 
 
+LOG_RECORD = re.compile(r"^\[\d\d:\d\d:\d\d (INFO|DEBUG|WARNING) ")
+
+
 def first_error_line(stderr: str) -> str:
-    """stderr's first line that is not blank, Hydra's HYDRA_FULL_ERROR hint, or a progress bar redraw."""
+    """The error's first line: stderr's first line that is not blank, a log record, Hydra's HYDRA_FULL_ERROR hint
+    or a progress bar redraw."""
     for line in stderr.split("\n"):
-        if line.strip() and HYDRA_HINT not in line and not PROGRESS_BAR.search(line):
+        if line.strip() and HYDRA_HINT not in line and not PROGRESS_BAR.search(line) and not LOG_RECORD.match(line):
             return line.strip()
     return ""
 

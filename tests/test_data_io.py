@@ -104,7 +104,7 @@ def test_unknown_extension_lists_the_supported_ones(tmp_path, name):
 
 def test_malformed_jsonl_line_names_the_line(tmp_path):
     path = write(tmp_path / "d.jsonl", f'{json.dumps(ROWS[0])}\n\n{{"prompt" "x"}}\n')
-    assert error_of(path) == f"{path}:3: malformed JSON: Expecting ':' delimiter at column 11"
+    assert error_of(path) == f"{path}:3: malformed JSON: Expecting ':' delimiter (column 11)"
 
 
 @pytest.mark.parametrize("line, found", [("[1, 2]", "list"), ('"text"', "string"), ("3", "number"), ("null", "null")])

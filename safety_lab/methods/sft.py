@@ -10,7 +10,10 @@ import math
 import lightning as L
 import torch
 
+from safety_lab.data.collate import TokenizedExamples
+from safety_lab.methods import Method
 from safety_lab.methods.losses import token_cross_entropy
+from safety_lab.models.lora import attach_lora
 
 
 def warmup_cosine(warmup: int, total: int, floor: float = 0.0):
@@ -43,3 +46,16 @@ class SFTModule(L.LightningModule):
         schedule = warmup_cosine(max(1, int(hp.warmup_ratio * total)), total, hp.min_lr_ratio)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+class SFT(Method):
+    name = "sft"
+
+    def train(self, ctx, model, tokenizer, method_cfg, dataset_cfg):
+        m = method_cfg
+        data = TokenizedExamples(ctx.examples(dataset_cfg), tokenizer, ctx.template, ctx.cfg.model.max_length,
+                                 m.train_on_prompt)
+        tuned = attach_lora(model, **ctx.plain(m.lora)) if m.lora else model
+        module = SFTModule(tuned, lr=m.lr, weight_decay=m.weight_decay, warmup_ratio=m.warmup_ratio,
+                           min_lr_ratio=m.min_lr_ratio)
+        return tuned, ctx.fit(self.name, module, data, m.batch_size, m.epochs, ctx.cfg.seed)

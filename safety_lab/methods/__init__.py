@@ -1,0 +1,36 @@
+"""Training methods, selected with `method=<name>`: each is a `Method` registered in `METHODS`.
+
+A method turns (base model, dataset) into a tuned model; the run pipeline stores its output as an artifact named by
+the recipe and loads it back on reuse. Methods that train a LoRA adapter inherit saving and loading from `Method`.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from peft import PeftModel
+
+from safety_lab.models.factory import load_pretrained, save_pretrained
+from safety_lab.models.lora import load_adapter, save_adapter
+
+
+class Method:
+    name: str
+
+    def train(self, ctx, model, tokenizer, method_cfg, dataset_cfg):
+        """(tuned model — a PeftModel for adapter methods —, metrics of its training)."""
+        raise NotImplementedError
+
+    def kind(self, method_cfg) -> str:
+        return "adapter" if method_cfg.get("lora") else "model"
+
+    def save(self, model, tokenizer, folder: Path) -> None:
+        save_adapter(model, folder) if isinstance(model, PeftModel) else save_pretrained(model, tokenizer, folder)
+
+    def load(self, ctx, model, folder: Path):
+        return load_adapter(model, folder) if (folder / "adapter_config.json").exists() else load_pretrained(folder)[0]
+
+
+def registry() -> dict[str, Method]:
+    from safety_lab.methods.sft import SFT
+
+    return {m.name: m for m in (SFT(),)}
