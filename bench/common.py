@@ -1,0 +1,102 @@
+"""Shared helpers of the benchmarks: timing as medians of repeats, peak RSS, and the results file.
+
+Every figure is a ratio against a baseline measured in the same process (or back to back), so the noisy machine
+cancels out; `record` merges one entry into `bench/results.json` and rewrites the table in `bench/README.md`.
+"""
+from __future__ import annotations
+
+import json
+import platform
+import resource
+import statistics
+import time
+from pathlib import Path
+from typing import Callable
+
+RESULTS = Path(__file__).with_name("results.json")
+README = Path(__file__).with_name("README.md")
+TABLE_START, TABLE_END = "<!-- results:start -->", "<!-- results:end -->"
+
+
+def median_time(fn: Callable[[], object], repeats: int = 3, warmup: int = 1) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def peak_rss_mib() -> float:
+    """Peak resident memory of this process so far (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def record(name: str, value: float, baseline: float, unit: str, target: float | None, higher_is_better: bool,
+           command: str, note: str = "") -> dict:
+    ratio = value / baseline if baseline else float("nan")
+    entry = {"name": name, "value": round(value, 4), "baseline": round(baseline, 4), "unit": unit,
+             "ratio": round(ratio, 4), "target": target, "higher_is_better": higher_is_better,
+             "command": command, "note": note}
+    entries = [e for e in (json.loads(RESULTS.read_text()) if RESULTS.exists() else []) if e["name"] != name]
+    entries.append(entry)
+    RESULTS.write_text(json.dumps(entries, indent=2) + "\n")
+    _write_table(entries)
+    met = "n/a" if target is None else ("met" if (ratio >= target if higher_is_better else ratio <= target) else "NOT met")
+    print(f"{name}: {value:.4g} {unit} vs baseline {baseline:.4g} -> ratio {ratio:.3f} (target {target}: {met})")
+    return entry
+
+
+def _write_table(entries: list[dict]) -> None:
+    import torch
+    import transformers
+
+    rows = ["| benchmark | value | baseline | ratio | target | met | command |", "|---|---|---|---|---|---|---|"]
+    for e in entries:
+        t = e["target"]
+        ok = "–" if t is None else ("yes" if (e["ratio"] >= t if e["higher_is_better"] else e["ratio"] <= t) else "**no**")
+        bound = "–" if t is None else (f"≥ {t}" if e["higher_is_better"] else f"≤ {t}")
+        rows.append(f"| {e['name']} | {e['value']} {e['unit']} | {e['baseline']} {e['unit']} | {e['ratio']} | "
+                    f"{bound} | {ok} | `{e['command']}` |")
+    machine = (f"Machine: {platform.machine()}, {platform.processor() or 'cpu'}, Python {platform.python_version()}, "
+               f"torch {torch.__version__}, transformers {transformers.__version__}.")
+    block = f"{TABLE_START}\n{machine}\n\n" + "\n".join(rows) + f"\n{TABLE_END}"
+    text = README.read_text() if README.exists() else "# Benchmarks\n\n" + TABLE_START + TABLE_END + "\n"
+    if TABLE_START not in text:
+        text += "\n" + TABLE_START + TABLE_END + "\n"
+    head, rest = text.split(TABLE_START, 1)
+    README.write_text(head + block + rest.split(TABLE_END, 1)[1])
+
+
+def compose(*overrides: str):
+    """The run config of `python -m safety_lab <overrides>`, composed in-process (for benchmarks)."""
+    from hydra import compose as hydra_compose, initialize_config_dir
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import open_dict
+
+    from safety_lab.config import register
+
+    register()
+    conf = Path(__file__).resolve().parents[1] / "conf"
+    with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
+        cfg = hydra_compose("config", overrides=list(overrides), return_hydra_config=True)
+    HydraConfig.instance().set_config(cfg)
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(Path(__file__).resolve().parents[1] / "outputs" / "bench")
+    return cfg
+
+
+def quickstart_base():
+    """(context, model, tokenizer) of the quickstart's unaligned base, from the store (trained if missing)."""
+    from safety_lab.artifacts import ArtifactStore
+    from safety_lab.data.template import PromptTemplate
+    from safety_lab.run import Context, plain, resolve_base
+    from safety_lab.worlds.synthetic.world import World, WorldSpec
+
+    cfg = compose("+experiment=quickstart", "trainer.enable_progress_bar=false")
+    ctx = Context(cfg, ArtifactStore(cfg.paths.artifacts), World(WorldSpec(**plain(cfg.world))),
+                  PromptTemplate(**plain(cfg.model.template)))
+    model, tokenizer, _ = resolve_base(ctx)
+    return ctx, model, tokenizer

@@ -1,0 +1,49 @@
+"""Batched greedy evaluation vs the seed codebases' way (one `generate` call per prompt), same outputs.
+
+Target: ≥ 5× prompts/s, with identical responses verified prompt by prompt.
+"""
+from __future__ import annotations
+
+import time
+
+import torch
+
+from bench.common import median_time, quickstart_base, record
+from safety_lab.eval.generate import generate
+from safety_lab.worlds.synthetic import views
+
+N_PROMPTS = 200
+
+
+def one_by_one(model, tokenizer, prompts: list[str], max_new_tokens: int) -> list[str]:
+    out = []
+    with torch.inference_mode():
+        for prompt in prompts:
+            ids = tokenizer(prompt, return_tensors="pt")
+            tokens = model.generate(**ids, do_sample=False, max_new_tokens=max_new_tokens,
+                                    pad_token_id=tokenizer.pad_token_id)
+            out.append(tokenizer.decode(tokens[0, ids["input_ids"].shape[1]:], skip_special_tokens=True).strip())
+    return out
+
+
+def main() -> None:
+    ctx, model, tokenizer = quickstart_base()
+    model.eval()
+    suites = [views.suite(ctx.world, name, N_PROMPTS // len(views.SUITES)) for name in views.SUITES]
+    prompts = [p.prompt for suite in suites for p in suite]
+    new = ctx.world.spec.max_len + 2
+    batched = generate(model, tokenizer, prompts, new, batch_size=256, progress=False)
+    start = time.perf_counter()
+    baseline = one_by_one(model, tokenizer, prompts, new)
+    loop_seconds = time.perf_counter() - start
+    mismatches = sum(a != b for a, b in zip(batched, baseline))
+    if mismatches:
+        raise SystemExit(f"batched generation differs from the per-prompt loop on {mismatches} prompts")
+    batched_seconds = median_time(lambda: generate(model, tokenizer, prompts, new, batch_size=256, progress=False))
+    record("generation: batched greedy vs per-prompt generate", len(prompts) / batched_seconds,
+           len(prompts) / loop_seconds, "prompts/s", 5.0, True, "python -m bench.generation",
+           f"{len(prompts)} prompts, identical outputs")
+
+
+if __name__ == "__main__":
+    main()
