@@ -24,5 +24,12 @@ test: install
 test-slow: install
 	$(PY) -m pytest -q -m slow
 
+# Each script prints its ratio and merges it into bench/results.json and the table in bench/README.md.
+bench: install
+	$(PY) -m bench.generation
+	$(PY) -m bench.train_step
+	$(PY) -m bench.quickstart
+	for b in dpo sweep; do test ! -f bench/$$b.py || $(PY) -m bench.$$b || exit 1; done
+
 clean:
 	rm -rf $(VENV) outputs

@@ -8,7 +8,6 @@
 from __future__ import annotations
 
 import copy
-import time
 
 import torch
 
@@ -27,10 +26,9 @@ def matmul_peak_flops(n: int = 2048) -> float:
     return 2 * n**3 / seconds
 
 
-def hand_loop(model, loader, lr: float) -> float:
+def hand_loop(model, loader, lr: float) -> None:
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.98), weight_decay=0.0)
     model.train()
-    start = time.perf_counter()
     for batch in loader:
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         loss = token_cross_entropy(logits, batch["labels"])
@@ -38,7 +36,6 @@ def hand_loop(model, loader, lr: float) -> float:
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-    return time.perf_counter() - start
 
 
 def main() -> None:
@@ -47,11 +44,13 @@ def main() -> None:
     loader = torch.utils.data.DataLoader(data, batch_size=BATCH, shuffle=False, collate_fn=data.collate)
     tokens = sum(len(ids) for ids, _ in data.rows)
 
-    hand_seconds = hand_loop(copy.deepcopy(base), loader, 1e-3)
-    start = time.perf_counter()
-    ctx.fit("bench", SFTModule(copy.deepcopy(base), lr=1e-3), data, BATCH, 1, 0)
-    framework_seconds = time.perf_counter() - start
-    hand_seconds = min(hand_seconds, hand_loop(copy.deepcopy(base), loader, 1e-3))  # best of two, as Lightning warms up once
+    def framework() -> None:
+        ctx.fit("bench", SFTModule(copy.deepcopy(base), lr=1e-3), data, BATCH, 1, 0)
+
+    # alternate the two, medians of three after one warm-up each: the machine's noise hits both alike
+    hand_seconds = median_time(lambda: hand_loop(copy.deepcopy(base), loader, 1e-3))
+    framework_seconds = median_time(framework)
+    hand_seconds = min(hand_seconds, median_time(lambda: hand_loop(copy.deepcopy(base), loader, 1e-3), warmup=0))
     record("training step: SFT via Lightning vs hand-written loop", tokens / framework_seconds,
            tokens / hand_seconds, "tokens/s", 0.90, True, "python -m bench.train_step",
            f"{STEPS} steps of {BATCH}, tiny Llama, fp32 CPU")
