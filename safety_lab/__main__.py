@@ -1,12 +1,17 @@
 """`python -m safety_lab +experiment=...`: compose the config, run the pipeline, print the run folder last."""
 from __future__ import annotations
 
+import logging
 import sys
 import warnings
+from pathlib import Path
 
 import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig
 
+from safety_lab.artifacts import write_json_atomic
 from safety_lab.config import register
 from safety_lab.errors import SafetyLabError
 
@@ -18,14 +23,26 @@ warnings.filterwarnings("ignore", message=".*LeafSpec.*")
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(cfg: DictConfig) -> None:
+    from safety_lab.distributed import job_scope, use_job_command
     from safety_lab.run import run  # heavy imports after composition, so config errors come back fast
 
+    use_job_command()  # ranks that DDP/FSDP launch re-run this job, not the sweep (safety_lab/distributed.py)
+    multirun = HydraConfig.get().mode == RunMode.MULTIRUN
     try:
-        out = run(cfg)
-    except SafetyLabError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    print(out)
+        with job_scope():
+            out = run(cfg)
+    except Exception as e:
+        if not multirun:
+            if isinstance(e, SafetyLabError):
+                print(f"error: {e}", file=sys.stderr)
+                sys.exit(2)
+            raise
+        # one failed job must not stop a sweep: record it for the report (safety_lab.report) and go on
+        logging.getLogger("safety_lab").error(f"job failed: {e}", exc_info=not isinstance(e, SafetyLabError))
+        write_json_atomic(Path(cfg.paths.output_dir) / "failed.json", {"error": f"{type(e).__name__}: {e}"})
+        return
+    if out is not None:  # ranks > 0 print nothing
+        print(out)
 
 
 if __name__ == "__main__":

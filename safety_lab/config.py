@@ -34,6 +34,8 @@ class TemplateConfig:
     kind: TemplateKind = TemplateKind.plain
     system: Optional[str] = None
     prefix: str = ""
+    preset: Optional[str] = None  # a named system prompt + prefix in data.template.PRESETS (e.g. aoa)
+    chat_template: Optional[str] = None  # chat: a Jinja template (text or .jinja file) replacing the tokenizer's
 
 
 @dataclass
@@ -52,14 +54,16 @@ class PretrainConfig:
 class ModelConfig:
     kind: ModelKind = ModelKind.tiny_llama
     path: Optional[str] = None  # hf: hub id or local folder
-    gguf_file: Optional[str] = None  # hf: a GGUF file inside `path` (dequantised on load)
+    gguf_file: Optional[str] = None  # hf: a GGUF file inside `path`, dequantised once into the store
     dtype: str = "float32"
+    quantization: Optional[str] = None  # hf, GPU only: load in "8bit" or "4bit" (bitsandbytes)
     hidden_size: int = 96
     num_layers: int = 3
     num_heads: int = 3
     intermediate_size: int = 384
     max_position_embeddings: int = 128
     max_length: int = 128  # training sequences are cut to this many tokens
+    gradient_checkpointing: bool = False  # recompute activations in backward (real models; not in recipes)
     pretrain: Optional[PretrainConfig] = None
     template: TemplateConfig = field(default_factory=TemplateConfig)
 
@@ -85,6 +89,73 @@ class MethodConfig:
     lora: Optional[LoraSettings] = None
 
 
+class LogProb(str, Enum):
+    sum = "sum"  # summed over response tokens (TRL, SOMF)
+    mean = "mean"  # averaged over response tokens
+    fixed = "fixed"  # summed, divided by `fixed_length` (Jain et al.: 159)
+
+
+@dataclass
+class DPOConfig(MethodConfig):
+    name: str = "dpo"
+    beta: float = 0.1
+    beta_rejected: Optional[float] = None  # default: beta (Jain et al.: 0.1 chosen, 0.01 rejected)
+    logp: LogProb = LogProb.sum
+    fixed_length: Optional[int] = None  # logp=fixed
+    ref_batch_size: int = 256  # batch size of the one-off reference log-prob pass
+
+
+class UnlearnLoss(str, Enum):
+    ascent = "ascent"  # gradient ascent on the dispreferred response (set retain_weight 0 for the pure form)
+    graddiff = "graddiff"  # gradient difference: descent on the preferred, ascent on the dispreferred
+    npo = "npo"  # negative preference optimisation on the dispreferred, descent on the preferred
+
+
+@dataclass
+class UnlearnConfig(MethodConfig):
+    name: str = "unlearn"
+    loss: UnlearnLoss = UnlearnLoss.graddiff
+    retain_weight: float = 1.0
+    forget_weight: float = 0.1
+    beta: float = 0.1  # npo
+    clamp: Optional[float] = None  # ascent/graddiff: a sequence NLL past this stops being pushed up
+    logp: LogProb = LogProb.mean
+    fixed_length: Optional[int] = None
+    ref_batch_size: int = 256
+
+
+class MaskSpace(str, Enum):
+    dense = "dense"  # one mask entry per entry of ΔW = B·A of each adapted weight
+    factors = "factors"  # masks over the LoRA factors A and B separately (SOMF's code)
+
+
+class MaskExport(str, Enum):
+    none = "none"  # no mask: the unmasked fine-tuned model (the reference), no mask is trained
+    expected = "expected"  # σ(ℓ)
+    threshold = "threshold"  # 1[σ(ℓ) > 0.5]
+    sample = "sample"  # one seeded Bernoulli(σ(ℓ)) draw
+    topk = "topk"  # the `top_k` fraction of largest logits of each tensor
+
+
+@dataclass
+class MaskSettings:
+    space: MaskSpace = MaskSpace.dense
+    init_logit: float = 0.0  # SOMF: 0, i.e. p = 0.5 everywhere at the start
+    temperature: float = 0.5
+    sparsity: float = 0.0  # weight of the mean-σ(ℓ) penalty (SOMF: none)
+
+
+@dataclass
+class MaskDPOConfig(DPOConfig):
+    name: str = "mask_dpo"
+    tasks: dict[str, Any] = field(default_factory=dict)  # name -> stage {method, dataset}: the task adapters
+    task_weight: float = 1.0  # task arithmetic over the masked task vectors inside the forward
+    mask: MaskSettings = field(default_factory=MaskSettings)
+    export: MaskExport = MaskExport.expected  # how the trained mask becomes the realigned model
+    export_seed: int = 0  # export=sample
+    top_k: float = 0.5  # export=topk
+
+
 @dataclass
 class DatasetConfig:
     source: Source = Source.synthetic
@@ -92,10 +163,12 @@ class DatasetConfig:
     n: int = 4000
     seed: int = 0
     args: dict[str, Any] = field(default_factory=dict)  # synthetic: extra arguments of the view
-    path: Optional[str] = None  # file: local path or hub id
+    path: Optional[str] = None  # file: local path, folder or hub id
     split: str = "train"
+    adapter: Optional[str] = None  # file: a layout adapter in safety_lab.data.adapters.ADAPTERS (args go to it)
     prompt_key: str = "prompt"
     response_key: str = "response"
+    preferences: bool = False  # file: rows are (prompt, chosen, rejected) preference pairs
 
 
 @dataclass
@@ -106,11 +179,25 @@ class SuiteConfig:
     seed: int = 0
     lang: int = 0
     prefix: list[str] = field(default_factory=list)
-    path: Optional[str] = None  # file: local path or hub id
+    path: Optional[str] = None  # file: local path, folder or hub id
     split: str = "train"
+    adapter: Optional[str] = None  # file: a layout adapter in safety_lab.data.adapters.ADAPTERS
+    args: dict[str, Any] = field(default_factory=dict)  # file: the adapter's arguments, and `where` filters
     prompt_key: str = "prompt"
     unsafe: Optional[bool] = None  # file: the label of every prompt in the file...
     unsafe_key: Optional[str] = None  # ...or the column holding each prompt's label
+
+
+@dataclass
+class LmEvalConfig:
+    """lm-evaluation-harness tasks run on the in-memory model (eval/lm_eval_bridge.py)."""
+
+    tasks: list[Any] = field(default_factory=list)  # registry names (hub data) or tasks of include_path's YAMLs
+    include_path: Optional[str] = None  # a folder of local task YAMLs; then only those tasks are indexed
+    num_fewshot: Optional[int] = None
+    limit: Optional[int] = None  # documents per task
+    batch_size: int = 8
+    apply_chat_template: bool = False
 
 
 @dataclass
@@ -122,10 +209,49 @@ class EvalConfig:
     max_new_tokens: Optional[int] = None  # default: the world's longest answer + 2
     base: bool = True  # also evaluate the model before the method, reported under `base.`
     suites: dict[str, SuiteConfig] = field(default_factory=dict)
+    lm_eval: Optional[LmEvalConfig] = None  # utility through lm-evaluation-harness, beside the suites
+
+
+@dataclass
+class AttackConfig:
+    n: int = 32  # unsafe prompts attacked with soft tokens
+    tokens: list[int] = field(default_factory=lambda: [1, 2, 4])  # numbers of inserted soft tokens
+    steps: int = 30
+    report_at: list[int] = field(default_factory=lambda: [5, 10, 20])  # steps at which success is also recorded
+    bound: Optional[float] = None  # L2 bound of each soft token; default: the mean token-embedding norm
+
+
+@dataclass
+class AnalysisConfig:
+    """The mechanistic study (safety_lab.analysis.study): which models, which suites play which part."""
+
+    models: dict[str, Any] = field(default_factory=dict)  # tag -> stage {method, dataset} applied to the base
+    safe_suite: str = "utility"
+    unsafe_suite: str = "harmful"
+    jailbreak_suites: list[str] = field(default_factory=lambda: ["jailbreak_competing", "jailbreak_mismatch"])
+    refusal: str = "refuse"  # the refusal text; its first token is the refusal token of the refusal score
+    energy: float = 0.9  # column space: top-k singular directions holding this share of Σσ²
+    row_space_k: int = 10  # row space: top right singular vectors of ΔW
+    lipschitz_n: int = 100  # prompts per side (safe, unsafe) whose input gradients are taken
+    attack: AttackConfig = field(default_factory=AttackConfig)
+
+
+@dataclass
+class FusionConfig:
+    """Trained stages fused into the model by a merge of `safety_lab.fusion.merges.MERGES`, then evaluated."""
+
+    merge: str = "lora_weighted"
+    weight: float = 0.5  # λ; what it scales depends on the merge (MERGES[merge].weight)
+    weights: Optional[list[float]] = None  # an in-process sweep: every λ evaluated on one loaded model
+    args: dict[str, Any] = field(default_factory=dict)  # the merge's own hyperparameters
+    inputs: dict[str, Any] = field(default_factory=dict)  # role -> stage {method, dataset, weight (default 1)}
 
 
 def register() -> None:
     cs = ConfigStore.instance()
     for group, node in (("world", WorldSpec), ("model", ModelConfig), ("method", MethodConfig),
-                        ("dataset", DatasetConfig), ("eval", EvalConfig)):
+                        ("dataset", DatasetConfig), ("eval", EvalConfig), ("analysis", AnalysisConfig),
+                        ("fusion", FusionConfig)):
         cs.store(group=group, name="schema", node=node)
+    for name, node in (("dpo", DPOConfig), ("unlearn", UnlearnConfig), ("mask_dpo", MaskDPOConfig)):
+        cs.store(group="method", name=f"schema_{name}", node=node)

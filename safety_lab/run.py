@@ -7,6 +7,7 @@ Re-running a finished experiment only evaluates.
 """
 from __future__ import annotations
 
+import copy
 import inspect
 import json
 import logging
@@ -16,19 +17,26 @@ from pathlib import Path
 import lightning as L
 import torch
 from hydra.utils import get_class, instantiate
+from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
 from safety_lab.artifacts import ArtifactStore, write_json_atomic
 from safety_lab.config import ModelKind
+from safety_lab.data.batching import ResumeState, global_batch_loader
 from safety_lab.data.collate import TokenizedExamples
 from safety_lab.data.sources import load_examples, load_suites
 from safety_lab.data.template import PromptTemplate
+from safety_lab.distributed import is_rank_zero
 from safety_lab.errors import SafetyLabError
 from safety_lab.eval.evaluate import evaluate, results_table
 from safety_lab.eval.judges import build_judge
+from safety_lab.eval.lm_eval_bridge import lm_eval_utility
+from safety_lab.fusion.apply import FusedModel, fusion_weights, resolve_inputs
 from safety_lab.methods import registry
 from safety_lab.methods.sft import SFTModule
-from safety_lab.models.factory import load_pretrained, save_pretrained, tiny_llama
+from safety_lab.models.factory import dequantise_gguf, load_pretrained, save_pretrained, tiny_llama
+from safety_lab.models.sharding import full_state_dict, is_sharded
+from safety_lab.report import write_report
 from safety_lab.worlds.synthetic.tokenizer import build_tokenizer
 from safety_lab.worlds.synthetic.world import World, WorldSpec
 
@@ -53,6 +61,7 @@ class Context:
     world: World
     template: PromptTemplate
     methods: dict = field(default_factory=registry)
+    base_id: str = ""  # the model the current stage trains on, for methods that train stages of their own
     plain = staticmethod(plain)
 
     @property
@@ -65,16 +74,36 @@ class Context:
 
     def fit(self, stage: str, module: L.LightningModule, data: TokenizedExamples, batch_size: int, epochs: int,
             seed: int) -> dict:
-        """Train `module` with the configured Trainer, strategy and logger; returns the last logged metrics."""
+        """Train `module` with the configured Trainer, strategy and logger; returns the last logged metrics.
+
+        `batch_size` is per micro-batch and process: the global batch is batch_size × accumulation × processes,
+        and the order of rows does not depend on the split (data/batching.py). Inside a store build, checkpoints go
+        beside the entry and a re-run resumes from the last one (`ckpt_path`). Under FSDP a copy of `module` is
+        trained and its shards gathered back into `module`, so the caller always gets a plain model back.
+        """
         cfg = self.cfg
         L.seed_everything(seed, workers=True, verbose=False)
-        loader = torch.utils.data.DataLoader(data, batch_size=batch_size, shuffle=True, collate_fn=data.collate,
-                                             generator=torch.Generator().manual_seed(seed))
+        loader = global_batch_loader(data, batch_size, cfg.trainer.accumulate_grad_batches, seed)
+        callbacks, resume = [ResumeState(loader.sampler)], None
+        checkpoints = self.store.checkpoints()
+        if cfg.trainer.enable_checkpointing and checkpoints is not None:
+            callbacks.append(ModelCheckpoint(dirpath=checkpoints / stage, save_last=True, save_top_k=0,
+                                             every_n_train_steps=cfg.ckpt_every_n_steps))
+            last = checkpoints / stage / "last.ckpt"
+            resume = (str(last) if last.exists() else None) if cfg.ckpt_path == "last" else cfg.ckpt_path
+            if resume:
+                log.info("resuming %s from %s", stage, resume)
         logger = instantiate(cfg.logger, name=stage)
         trainer = instantiate(cfg.trainer, **plain(cfg.strategy), max_epochs=epochs, logger=logger,
+                              callbacks=callbacks, use_distributed_sampler=False,
                               default_root_dir=str(Path(cfg.paths.output_dir) / stage))
+        if cfg.model.get("gradient_checkpointing"):
+            module.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         module.train()  # evaluation may have left it in eval mode
-        trainer.fit(module, train_dataloaders=loader)
+        trained = copy.deepcopy(module) if is_sharded(trainer.strategy) else module
+        trainer.fit(trained, train_dataloaders=loader, ckpt_path=resume, weights_only=True)
+        if trained is not module:
+            module.load_state_dict(full_state_dict(trainer.strategy.model))
         if hasattr(logger, "experiment") and hasattr(logger.experiment, "finish"):
             logger.experiment.finish()  # one W&B run per stage
         return {k: float(v) for k, v in trainer.callback_metrics.items()}
@@ -94,6 +123,7 @@ class Context:
         trained = {}
 
         def build(folder: Path) -> dict:
+            self.base_id = base_id
             trained["model"], metrics = method.train(self, model, tokenizer, method_cfg, dataset_cfg)
             method.save(trained["model"], tokenizer, folder)
             return metrics
@@ -108,10 +138,16 @@ def resolve_base(ctx: Context):
     the `align` stage, if any, merged in."""
     cfg, m = ctx.cfg, ctx.cfg.model
     if m.kind == ModelKind.hf:
-        model, tokenizer = load_pretrained(m.path, m.dtype, m.gguf_file)
-        base_id = str(m.path)
+        if m.gguf_file:  # dequantised once into the store, then loaded as plain safetensors
+            folder = dequantise_gguf(ctx.store, m.path, m.gguf_file)
+            model, tokenizer = load_pretrained(folder, m.dtype, quantization=m.quantization)
+            base_id = f"dequantised/{folder.name}"
+        else:
+            model, tokenizer = load_pretrained(m.path, m.dtype, quantization=m.quantization)
+            base_id = str(m.path)
     else:
-        recipe = {"model": {k: v for k, v in plain(m).items() if k != "template"}, "world": plain(cfg.world),
+        recipe = {"model": {k: v for k, v in plain(m).items() if k not in ("template", "gradient_checkpointing")},
+                  "world": plain(cfg.world),
                   **ctx.training_recipe}
 
         def pretrain(folder: Path) -> dict:
@@ -136,7 +172,7 @@ def resolve_base(ctx: Context):
     return model, tokenizer, base_id
 
 
-def run(cfg: DictConfig) -> Path:
+def run(cfg: DictConfig) -> Path | None:
     out = Path(cfg.paths.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     try:  # bad settings fail before any model loads
@@ -151,32 +187,81 @@ def run(cfg: DictConfig) -> Path:
     world = World(WorldSpec(**plain(cfg.world)))
     suites = load_suites(cfg.eval, world)
     ctx = Context(cfg, ArtifactStore(cfg.paths.artifacts), world, PromptTemplate(**plain(cfg.model.template)))
-    ctx.method(cfg.method.name)
+    if cfg.method.name != "none":  # fail on an unknown method before anything loads
+        ctx.method(cfg.method.name).check(cfg.method)
+    weights = fusion_weights(cfg.fusion) if cfg.get("fusion") else []
     device = "cuda" if torch.cuda.is_available() else "cpu"
     max_new_tokens = cfg.eval.max_new_tokens or world.spec.max_len + 2
 
-    def assess(model, tokenizer, tag: str):
-        metrics, rows = evaluate(model.to(device), tokenizer, suites, judge, ctx.template,
+    def assess(model, tokenizer, tag: str, only: list[str] | None = None):
+        if not is_rank_zero():  # ranks > 0 train along with rank 0, nothing more
+            return {}, []
+        chosen = suites if only is None else {name: suites[name] for name in only}
+        metrics, rows = evaluate(model.to(device), tokenizer, chosen, judge, ctx.template,
                                  max_new_tokens=max_new_tokens, batch_size=cfg.eval.batch_size)
+        if cfg.eval.lm_eval and cfg.eval.lm_eval.tasks and only is None:
+            metrics |= lm_eval_utility(model, tokenizer, **plain(cfg.eval.lm_eval), seed=cfg.seed)
         return metrics, [{"model": tag, **row} for row in rows]
 
     model, tokenizer, base_id = resolve_base(ctx)
+    inputs = resolve_inputs(ctx, model, tokenizer, base_id) if weights else {}
     columns, generations = {}, []
-    if cfg.eval.base or cfg.method.name == "none":
-        columns["base"], rows = assess(model, tokenizer, "base")
-        generations += rows
-    if cfg.method.name != "none":
-        tuned, _ = ctx.apply_stage(model.cpu(), tokenizer, base_id, cfg.method, cfg.dataset)
-        columns[cfg.method.name], rows = assess(tuned, tokenizer, cfg.method.name)
-        generations += rows
+    if cfg.get("analysis"):  # the mechanistic study trains, evaluates and analyses its own set of models
+        from safety_lab.analysis.study import mechanistic_study
 
-    metrics = {}
-    for tag, values in columns.items():
-        prefix = "" if tag == cfg.method.name else f"{tag}."
-        metrics.update({prefix + k: v for k, v in values.items()})
-    write_json_atomic(out / "metrics.json", metrics)
-    tmp = out / ".generations.jsonl.tmp"
-    tmp.write_text("".join(json.dumps(row) + "\n" for row in generations))
-    tmp.replace(out / "generations.jsonl")
-    print(results_table(columns))
+        columns, generations = mechanistic_study(ctx, model, tokenizer, base_id, suites, assess, out)
+    else:
+        if cfg.eval.base or cfg.method.name == "none":
+            columns["base"], rows = assess(model, tokenizer, "base")
+            generations += rows
+        if cfg.method.name != "none":
+            tuned, _ = ctx.apply_stage(model.cpu(), tokenizer, base_id, cfg.method, cfg.dataset)
+            columns[cfg.method.name], rows = assess(tuned, tokenizer, cfg.method.name)
+            generations += rows
+
+    if not is_rank_zero():
+        return None
+    if not weights:
+        write_results(out, columns, generations, main=cfg.method.name)
+        print(results_table(columns))
+        return out
+    # fusion: W = W0 + merge(inputs, λ) written into the (tuned) model for each λ, never reloading it
+    target = model if cfg.method.name == "none" else getattr(tuned, "merge_and_unload", lambda: tuned)()
+    fused, table = FusedModel(target.cpu(), inputs, cfg.fusion.merge, plain(cfg.fusion.args)), dict(columns)
+    for weight in weights:
+        columns["fused"], rows = assess(fused.set(weight), tokenizer, "fused")
+        folder = out / f"weight={weight:g}" if cfg.fusion.weights else out
+        metrics = write_results(folder, columns, generations + rows, main="fused", extra={"fusion/weight": weight})
+        log_results(cfg, f"fused_{weight:g}", {**plain(cfg), "fusion": {**plain(cfg.fusion), "weight": weight}},
+                    metrics)
+        table[f"fused λ={weight:g}"] = columns["fused"]
+    if cfg.fusion.weights:
+        write_report(out)
+    print(results_table(table))
     return out
+
+
+def write_results(folder: Path, columns: dict, generations: list, main: str, extra: dict | None = None) -> dict:
+    """metrics.json (the `main` column unprefixed, the others as `<tag>.<key>`, plus `extra`) and
+    generations.jsonl in `folder` (DESIGN.md §6)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    metrics = dict(extra or {})
+    for tag, values in columns.items():
+        prefix = "" if tag == main else f"{tag}."
+        metrics.update({prefix + k: v for k, v in values.items()})
+    write_json_atomic(folder / "metrics.json", metrics)
+    tmp = folder / ".generations.jsonl.tmp"
+    tmp.write_text("".join(json.dumps(row) + "\n" for row in generations))
+    tmp.replace(folder / "generations.jsonl")
+    return metrics
+
+
+def log_results(cfg: DictConfig, name: str, params: dict, metrics: dict) -> None:
+    """Evaluation results as a logger run of their own, with the run's config (so a multirun's jobs form one W&B
+    group, `logger.group`, each with its λ in the config)."""
+    logger = instantiate(cfg.logger, name=name)
+    logger.log_hyperparams(params)
+    logger.log_metrics(metrics)
+    logger.finalize("success")
+    if hasattr(logger, "experiment") and hasattr(logger.experiment, "finish"):
+        logger.experiment.finish()

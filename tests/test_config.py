@@ -30,7 +30,7 @@ from safety_lab.worlds.synthetic.world import WorldSpec
 
 REPO = Path(__file__).resolve().parents[1]
 CONF = REPO / "conf"
-GROUPS = ("world", "model", "method", "dataset", "eval", "trainer", "strategy", "logger")
+GROUPS = ("world", "model", "method", "dataset", "eval", "fusion", "trainer", "strategy", "logger")
 # options whose config has a mandatory (???) value, and what to give it
 REQUIRED = {("model", "hf"): ["model.path=/models/some-model"],
             ("dataset", "jsonl"): ["dataset.path=/data/some-data.jsonl"]}
@@ -47,6 +47,7 @@ def group_cases() -> list[list[str]]:
     for group in GROUPS:
         cases += [[f"{group}={name}", *REQUIRED.get((group, name), [])] for name in options(group)]
     cases += [[f"+debug={name}"] for name in options("debug")]
+    cases += [[f"+analysis={name}"] for name in options("analysis")]  # optional group: added, not chosen
     cases += [[f"+experiment={name}"] for name in options("experiment")]
     cases += [[f"+experiment={name}", "+debug=fast"] for name in options("experiment")]
     return cases

@@ -142,8 +142,9 @@ def test_build_judge_registry():
     assert isinstance(build_judge("exact"), ExactJudge)
     judge = build_judge("keyword", mode="startswith")
     assert isinstance(judge, KeywordJudge) and judge.mode == "startswith"
-    with pytest.raises(ValueError, match=r"unknown judge 'llm'.*\['exact', 'keyword'\]"):
-        build_judge("llm")
+    with pytest.raises(ValueError, match=r"unknown judge 'gpt'.*\['classifier', 'exact', 'keyword', 'llm', "
+                                         r"'over_refusal', 'pairwise'\]"):
+        build_judge("gpt")
     with pytest.raises(ValueError, match="mode"):
         build_judge("keyword", mode="regex")
 

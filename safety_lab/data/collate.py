@@ -1,16 +1,19 @@
 """Tokenise records once, up front, and pad them into training batches.
 
 Labels are -100 on prompt tokens (unless `train_on_prompt`) and on padding, so the loss only sees the response
-and its closing EOS, as in every seed codebase.
+and its closing EOS, as in every seed codebase. Preference pairs batch as [chosen rows; rejected rows] along the
+batch dimension, so one forward pass scores both (as TRL and torchtune do).
 """
 from __future__ import annotations
 
+import hashlib
+import json
 from typing import Sequence
 
 import torch
 from torch.utils.data import Dataset
 
-from safety_lab.data.records import Example
+from safety_lab.data.records import Example, Preference
 from safety_lab.data.template import PromptTemplate
 
 IGNORE = -100
@@ -49,6 +52,36 @@ class TokenizedExamples(Dataset):
 
     def collate(self, rows) -> dict[str, torch.Tensor]:
         return pad_right(rows, self.pad_id)
+
+
+class TokenizedPreferences(Dataset):
+    """(index, chosen row, rejected row) per pair; `collate` stacks chosen then rejected and keeps the indices, by
+    which cached reference log-probs are looked up."""
+
+    def __init__(self, pairs: Sequence[Preference], tokenizer, template: PromptTemplate = PromptTemplate(),
+                 max_length: int = 512):
+        prompts = tokenize_prompts(tokenizer, template, [p.prompt for p in pairs])
+        chosen = tokenize_responses(tokenizer, [p.chosen for p in pairs])
+        rejected = tokenize_responses(tokenizer, [p.rejected for p in pairs])
+        self.rows = [(i, join(p, c, max_length), join(p, r, max_length))
+                     for i, (p, c, r) in enumerate(zip(prompts, chosen, rejected))]
+        self.pad_id = tokenizer.pad_token_id
+
+    @property
+    def fingerprint(self) -> str:
+        """Hash of the tokenised pairs: equal data gives equal cached reference log-probs."""
+        return hashlib.sha256(json.dumps([row[1:] for row in self.rows]).encode()).hexdigest()[:16]
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int):
+        return self.rows[i]
+
+    def collate(self, rows) -> dict[str, torch.Tensor]:
+        batch = pad_right([c for _, c, _ in rows] + [r for _, _, r in rows], self.pad_id)
+        batch["index"] = torch.tensor([i for i, _, _ in rows])
+        return batch
 
 
 def pad_right(rows, pad_id: int) -> dict[str, torch.Tensor]:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from safety_lab.config import Source
 from safety_lab.data import io
+from safety_lab.data.adapters import load_rows
 from safety_lab.data.records import Probe
 from safety_lab.errors import SafetyLabError
 from safety_lab.worlds.synthetic import views
@@ -15,8 +16,11 @@ def load_examples(cfg, world: World) -> list:
         if cfg.view not in views.TRAIN_VIEWS:
             raise SafetyLabError(f"dataset.view={cfg.view!r} is not one of {sorted(views.TRAIN_VIEWS)}")
         return views.TRAIN_VIEWS[cfg.view](world, cfg.n, seed=cfg.seed, **cfg.args)
-    rows = io.load_hf_dataset(_required(cfg.path, "dataset.path"), split=cfg.split)
-    examples = io.to_examples(rows, cfg.prompt_key, cfg.response_key, source=cfg.path)
+    rows = load_rows(_required(cfg.path, "dataset.path"), cfg.split, cfg.adapter, cfg.args, source="dataset")
+    if cfg.preferences:
+        examples = io.to_preferences(rows, cfg.prompt_key, source=cfg.path)
+    else:
+        examples = io.to_examples(rows, cfg.prompt_key, cfg.response_key, source=cfg.path)
     return examples[: cfg.n] if cfg.n else examples
 
 
@@ -32,7 +36,8 @@ def load_suites(cfg, world: World) -> dict[str, list[Probe]]:
         else:
             if (suite.unsafe is None) == (suite.unsafe_key is None):
                 raise SafetyLabError(f"eval.suites.{name}: set exactly one of unsafe= or unsafe_key=")
-            rows = io.load_hf_dataset(_required(suite.path, f"eval.suites.{name}.path"), split=suite.split)
+            rows = load_rows(_required(suite.path, f"eval.suites.{name}.path"), suite.split, suite.adapter,
+                             suite.args, source=f"eval.suites.{name}")
             suites[name] = io.to_probes(rows, suite.prompt_key, unsafe=suite.unsafe, unsafe_key=suite.unsafe_key,
                                         source=suite.path)[:n]
     return suites

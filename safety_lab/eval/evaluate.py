@@ -27,9 +27,11 @@ def evaluate(model, tokenizer, suites: dict[str, list[Probe]], judge: Judge,
         answers = responses[start:start + len(suite)]
         start += len(suite)
         judgements = judge.judge(suite, answers)
-        metrics |= suite_metrics(name, suite, judgements)
+        metrics |= suite_metrics(name, suite, judgements, judge.labels)
         rows += [{"suite": name, "prompt": p.prompt, "response": r, "unsafe": p.unsafe, "target": p.target,
-                  "refused": j.refused, "complied": j.complied} for p, r, j in zip(suite, answers, judgements)]
+                  "refused": j.refused, "complied": j.complied,
+                  **{k: v for k, v in (("score", j.score), ("label", j.label)) if v is not None}}
+                 for p, r, j in zip(suite, answers, judgements)]
     return metrics, rows
 
 

@@ -1,11 +1,13 @@
 """Judges turn (probe, response) pairs into judgements: did the model refuse, and did it do what was asked.
 
 Every judge has the same interface, so the metrics and the run pipeline never care which one is used: the exact
-oracle of the synthetic world (the probe carries its compliant target), and refusal keywords for real models. LLM-
-and classifier-judges plug into the same registry.
+oracle of the synthetic world (the probe carries its compliant target), and refusal keywords for real models. The
+model judges (an LLM over an OpenAI-compatible API in `llm_judge.py`, a local classifier in `classifier_judge.py`)
+register into the same registry with `@register`; `build_judge` imports them on demand.
 """
 from __future__ import annotations
 
+import importlib
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
@@ -14,12 +16,18 @@ from safety_lab.data.records import Probe
 
 @dataclass(frozen=True)
 class Judgement:
-    refused: bool
-    complied: bool  # did what the prompt asks: exact target match where the probe has one, else "not refused"
+    """One verdict. `None` means "this judge does not say" (a pairwise judge says nothing about refusal), and the
+    metrics skip it; `score` is a 1–5 harmfulness score, `label` one of the judge's `labels`."""
+
+    refused: bool | None
+    complied: bool | None  # did what the prompt asks: exact target match where the probe has one, else "not refused"
+    score: float | None = None
+    label: str | None = None
 
 
 class Judge(ABC):
     name: str
+    labels: tuple[str, ...] = ()  # the classes a labelling judge assigns; each gets a `<label>_rate` metric
 
     @abstractmethod
     def judge(self, probes: list[Probe], responses: list[str]) -> list[Judgement]: ...
@@ -101,9 +109,18 @@ class KeywordJudge(Judge):
 
 
 JUDGES: dict[str, type[Judge]] = {"exact": ExactJudge, "keyword": KeywordJudge}
+JUDGE_MODULES = ("safety_lab.eval.llm_judge", "safety_lab.eval.classifier_judge")
+
+
+def register(cls: type[Judge]) -> type[Judge]:
+    JUDGES[cls.name] = cls
+    return cls
 
 
 def build_judge(name: str, **kwargs) -> Judge:
+    if name not in JUDGES:
+        for module in JUDGE_MODULES:
+            importlib.import_module(module)
     if name not in JUDGES:
         raise ValueError(f"unknown judge {name!r}; choose from {sorted(JUDGES)}")
     return JUDGES[name](**kwargs)

@@ -20,6 +20,9 @@ class Method:
         """(tuned model — a PeftModel for adapter methods —, metrics of its training)."""
         raise NotImplementedError
 
+    def check(self, method_cfg) -> None:
+        """Raise `SafetyLabError` for settings that cannot work together; called before any model loads."""
+
     def kind(self, method_cfg) -> str:
         return "adapter" if method_cfg.get("lora") else "model"
 
@@ -31,6 +34,9 @@ class Method:
 
 
 def registry() -> dict[str, Method]:
+    from safety_lab.methods.dpo import DPO
+    from safety_lab.methods.mask_dpo import MaskDPO
     from safety_lab.methods.sft import SFT
+    from safety_lab.methods.unlearn import Unlearn
 
-    return {m.name: m for m in (SFT(),)}
+    return {m.name: m for m in (SFT(), DPO(), Unlearn(), MaskDPO())}

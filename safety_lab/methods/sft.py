@@ -1,7 +1,9 @@
 """Supervised fine-tuning as a LightningModule: also how the synthetic base model is pretrained.
 
 AdamW over the trainable parameters only (a LoRA adapter, or the whole model), linear warm-up then cosine decay,
-stepped per optimiser step so the schedule is independent of gradient accumulation.
+stepped per optimiser step so the schedule is independent of gradient accumulation. The loss is the per-token mean
+over the *global* batch however it is split into micro-batches and ranks; `configure_model` shards the model under
+FSDP2 (models/sharding.py).
 """
 from __future__ import annotations
 
@@ -10,10 +12,11 @@ import math
 import lightning as L
 import torch
 
-from safety_lab.data.collate import TokenizedExamples
+from safety_lab.data.collate import IGNORE, TokenizedExamples
 from safety_lab.methods import Method
 from safety_lab.methods.losses import token_cross_entropy
 from safety_lab.models.lora import attach_lora
+from safety_lab.models.sharding import shard
 
 
 def warmup_cosine(warmup: int, total: int, floor: float = 0.0):
@@ -32,11 +35,16 @@ class SFTModule(L.LightningModule):
         self.model = model
         self.save_hyperparameters(ignore=["model"])
 
+    def configure_model(self):
+        shard(self)
+
     def training_step(self, batch, batch_idx):
         logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        loss = token_cross_entropy(logits, batch["labels"])
-        self.log("train/loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
-        return loss
+        summed = token_cross_entropy(logits, batch["labels"], reduction="sum")
+        tokens = (batch["labels"][:, 1:] != IGNORE).sum().clamp(min=1)
+        self.log("train/loss", summed / tokens, prog_bar=True, batch_size=batch["input_ids"].shape[0])
+        # the global batch's per-token mean once accumulated and averaged over ranks (data/batching.py)
+        return summed / batch.get("loss_normalizer", tokens)
 
     def configure_optimizers(self):
         hp = self.hparams

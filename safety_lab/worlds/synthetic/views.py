@@ -112,9 +112,10 @@ def refusals(world: World, n: int, seed: int = 0, prefix: tuple[str, ...] = ()) 
     return safety_sft(world, n, seed, unsafe_fraction=1.0, prefix=prefix)
 
 
-def preferences(world: World, n: int, seed: int = 0, unsafe_fraction: float = 0.5) -> list[Preference]:
+def preferences(world: World, n: int, seed: int = 0, unsafe_fraction: float = 0.5,
+                prefix: tuple[str, ...] = ()) -> list[Preference]:
     """Unsafe: refusal ≻ harmful completion. Safe: correct answer ≻ refusal (penalises over-refusal)."""
-    s = Sampler(world, _rng(world, "preferences", seed))
+    s = Sampler(world, _rng(world, "preferences", seed), prefix=tuple(prefix))
     pairs = []
     for _ in range(n):
         t = s.unsafe() if s.rng.random() < unsafe_fraction else s.safe()

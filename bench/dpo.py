@@ -1,0 +1,127 @@
+"""One DPO epoch with safety_lab's `method=dpo` against TRL's DPOTrainer: tokens per second and peak memory (RSS).
+
+Same tiny Llama (the synthetic world's architecture, seeded init), same LoRA config, same preference pairs, batch
+size, learning rate, β and epoch count; each side runs in a fresh child process of this script, back to back, so
+peak RSS is the high-water mark of one process that imported the same libraries. The clock runs from "model and
+records in memory" to "epoch done" on both sides (tokenisation, reference log-probs and training included; our
+reference cache starts empty). Tokens = prompt + response tokens of chosen and rejected, counted once per pair.
+
+    .venv/bin/python -m bench.dpo [--pairs 2048] [--batch-size 32]
+
+Targets: ≥ 2.0× TRL's tokens/s and ≤ 1.0× its peak RSS; recorded in bench/results.json and bench/README.md.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from bench.common import compose, peak_rss_mib, record
+
+REPO = Path(__file__).resolve().parents[1]
+LR, BETA, LORA = 1e-3, 0.1, {"r": 16, "alpha": 32.0, "dropout": 0.0, "target_modules": "all-linear"}
+
+
+def setup(pairs: int):
+    import lightning  # noqa: F401  both sides import the same libraries, so RSS compares like with like
+    import trl  # noqa: F401
+
+    from safety_lab.config import ModelConfig
+    from safety_lab.models.factory import tiny_llama
+    from safety_lab.worlds.synthetic import views
+    from safety_lab.worlds.synthetic.tokenizer import build_tokenizer
+    from safety_lab.worlds.synthetic.world import World
+
+    world = World()
+    tokenizer = build_tokenizer(world)
+    m = ModelConfig()
+    model = tiny_llama(tokenizer, m.hidden_size, m.num_layers, m.num_heads, m.intermediate_size,
+                       m.max_position_embeddings, seed=0)
+    return world, tokenizer, model, views.preferences(world, pairs, seed=0)
+
+
+def count_tokens(records, tokenizer) -> int:
+    from safety_lab.data.collate import TokenizedPreferences
+
+    return sum(len(c[0]) + len(r[0]) for _, c, r in TokenizedPreferences(records, tokenizer, max_length=128).rows)
+
+
+def ours(pairs: int, batch_size: int) -> dict:
+    from safety_lab.artifacts import ArtifactStore
+    from safety_lab.data.template import PromptTemplate
+    from safety_lab.methods.dpo import DPO
+    from safety_lab.run import Context
+
+    world, tokenizer, model, records = setup(pairs)
+    store = tempfile.mkdtemp()  # an empty reference cache: the epoch pays for its reference log-probs
+    cfg = compose("method=dpo", "dataset=preferences", f"dataset.n={pairs}", f"method.batch_size={batch_size}",
+                  "method.epochs=1", f"method.lr={LR}", f"method.beta={BETA}", "trainer.enable_progress_bar=false",
+                  "trainer.enable_checkpointing=false", f"paths.artifacts={store}", f"hydra.run.dir={store}/run")
+    ctx = Context(cfg, ArtifactStore(store), world, PromptTemplate())
+    start = time.perf_counter()
+    DPO().train(ctx, model, tokenizer, cfg.method, cfg.dataset)
+    return {"seconds": time.perf_counter() - start, "tokens": count_tokens(records, tokenizer)}
+
+
+def trl_baseline(pairs: int, batch_size: int) -> dict:
+    from datasets import Dataset
+    from peft import LoraConfig
+    from trl import DPOConfig, DPOTrainer
+
+    world, tokenizer, model, records = setup(pairs)
+    rows = {"prompt": [r.prompt for r in records], "chosen": [" " + r.chosen for r in records],
+            "rejected": [" " + r.rejected for r in records]}
+    out = tempfile.mkdtemp()
+    args = DPOConfig(output_dir=out, per_device_train_batch_size=batch_size, num_train_epochs=1, learning_rate=LR,
+                     beta=BETA, max_length=128, lr_scheduler_type="cosine", warmup_steps=0, report_to="none",
+                     use_cpu=True, save_strategy="no", logging_steps=10_000, disable_tqdm=True, max_grad_norm=1.0)
+    lora = LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"],
+                      target_modules=LORA["target_modules"], task_type="CAUSAL_LM")
+    start = time.perf_counter()
+    trainer = DPOTrainer(model=model, args=args, train_dataset=Dataset.from_dict(rows), processing_class=tokenizer,
+                         peft_config=lora)
+    trainer.train()
+    return {"seconds": time.perf_counter() - start, "tokens": count_tokens(records, tokenizer)}
+
+
+def child(side: str, pairs: int, batch_size: int) -> None:
+    result = (ours if side == "ours" else trl_baseline)(pairs, batch_size)
+    print("RESULT " + json.dumps({**result, "peak_rss_mib": peak_rss_mib()}))
+
+
+def measure(side: str, pairs: int, batch_size: int) -> dict:
+    proc = subprocess.run([sys.executable, "-m", "bench.dpo", "--side", side, "--pairs", str(pairs),
+                           "--batch-size", str(batch_size)], cwd=REPO, capture_output=True, text=True)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    if proc.returncode or not lines:
+        raise RuntimeError(f"{side} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(lines[-1].removeprefix("RESULT "))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--pairs", type=int, default=2048)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--side", choices=("ours", "trl"), help="run one side in this process (the children)")
+    a = parser.parse_args()
+    if a.side:
+        return child(a.side, a.pairs, a.batch_size)
+    mine, theirs = measure("ours", a.pairs, a.batch_size), measure("trl", a.pairs, a.batch_size)
+    note = f"{a.pairs} pairs, batch {a.batch_size}, LoRA r16 all-linear, {mine['tokens']} tokens/epoch"
+    command = f"python -m bench.dpo --pairs {a.pairs} --batch-size {a.batch_size}"
+    print(note)
+    for name, side in (("safety_lab", mine), ("TRL", theirs)):
+        print(f"{name}: {side['seconds']:.1f} s, {side['tokens'] / side['seconds']:.0f} tokens/s, "
+              f"peak RSS {side['peak_rss_mib']:.0f} MiB")
+    record("DPO epoch: method=dpo vs TRL DPOTrainer, throughput", mine["tokens"] / mine["seconds"],
+           theirs["tokens"] / theirs["seconds"], "tokens/s", 2.0, True, command, note)
+    record("DPO epoch: method=dpo vs TRL DPOTrainer, peak RSS", mine["peak_rss_mib"], theirs["peak_rss_mib"], "MiB",
+           1.0, False, command, note)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,120 @@
+"""An 11-point λ sweep of the LoRA-fusion study: safety_lab's in-process sweep against the naive way, back to back.
+
+Naive (what the seed's notebook does, per λ): load the aligned base from disk, load the task and safety adapters
+with PEFT, `add_weighted_adapter(..., combination_type="cat")`, evaluate with that adapter active.
+Ours: one loaded model; per λ, `FusedModel.set(λ)` writes W0 + (1−λ)ΔW_task + λΔW_safety, then evaluate.
+Both evaluate the same suites of `+experiment=lora_fusion` (eval.n prompts each) and must give the same metrics.
+Also measured: one evaluation of a fixed model, to put the sweep's cost per extra λ against it.
+
+    .venv/bin/python -m bench.sweep [--n 200]
+
+The adapters come from the shared store (trained first if missing, outside the clock).
+"""
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from bench.common import compose, record
+
+WEIGHTS = [round(0.1 * i, 1) for i in range(11)]
+
+
+def setup(n: int):
+    from safety_lab.artifacts import ArtifactStore
+    from safety_lab.data.sources import load_suites
+    from safety_lab.data.template import PromptTemplate
+    from safety_lab.eval.evaluate import evaluate
+    from safety_lab.eval.judges import build_judge
+    from safety_lab.run import Context, plain, resolve_base
+    from safety_lab.worlds.synthetic.world import World, WorldSpec
+
+    cfg = compose("+experiment=lora_fusion", f"eval.n={n}", "trainer.enable_progress_bar=false")
+    world = World(WorldSpec(**plain(cfg.world)))
+    ctx = Context(cfg, ArtifactStore(cfg.paths.artifacts), world, PromptTemplate(**plain(cfg.model.template)))
+    model, tokenizer, base_id = resolve_base(ctx)
+    folders = {}
+    for role, stage in cfg.fusion.inputs.items():
+        tuned, artifact = ctx.apply_stage(model, tokenizer, base_id, stage.method, stage.dataset)
+        tuned.unload()
+        folders[role] = Path(cfg.paths.artifacts) / artifact
+    suites, judge = load_suites(cfg.eval, world), build_judge(cfg.eval.judge, **cfg.eval.judge_args)
+
+    def assess(m) -> dict:
+        metrics, _ = evaluate(m, tokenizer, suites, judge, ctx.template, max_new_tokens=world.spec.max_len + 2,
+                              batch_size=cfg.eval.batch_size, progress=False)
+        return metrics
+
+    return model, tokenizer, folders, assess
+
+
+def naive(base_folder: Path, folders: dict, assess) -> tuple[float, list[dict]]:
+    from peft import PeftModel
+
+    from safety_lab.models.factory import load_pretrained
+
+    start, results = time.perf_counter(), []
+    for weight in WEIGHTS:
+        model, _ = load_pretrained(base_folder)
+        peft_model = PeftModel.from_pretrained(model, str(folders["task"]), adapter_name="task")
+        peft_model.load_adapter(str(folders["safety"]), adapter_name="safety")
+        peft_model.add_weighted_adapter(["task", "safety"], [1 - weight, weight], "fused", combination_type="cat")
+        peft_model.set_adapter("fused")
+        results.append(assess(peft_model.eval()))
+    return time.perf_counter() - start, results
+
+
+def ours(base_folder: Path, folders: dict, assess) -> tuple[float, list[float], list[dict]]:
+    from peft import PeftModel
+
+    from safety_lab.fusion.apply import FusedModel, stage_input
+    from safety_lab.models.factory import load_pretrained
+
+    start, steps, results = time.perf_counter(), [], []
+    model, _ = load_pretrained(base_folder)
+    inputs = {role: stage_input(PeftModel.from_pretrained(model, str(folder)), model)
+              for role, folder in folders.items()}
+    fused = FusedModel(model.eval(), inputs, "lora_weighted", {})
+    for weight in WEIGHTS:
+        step = time.perf_counter()
+        results.append(assess(fused.set(weight)))
+        steps.append(time.perf_counter() - step)
+    return time.perf_counter() - start, steps, results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--n", type=int, default=200, help="prompts per suite")
+    args = parser.parse_args()
+    torch.set_grad_enabled(False)
+    model, tokenizer, folders, assess = setup(args.n)
+    from safety_lab.models.factory import save_pretrained
+
+    with tempfile.TemporaryDirectory() as tmp:
+        base_folder = Path(tmp) / "aligned"
+        save_pretrained(model, tokenizer, base_folder)  # what the naive way reloads per point
+        ours_time, steps, ours_results = ours(base_folder, folders, assess)
+        naive_time, naive_results = naive(base_folder, folders, assess)
+        model.eval()
+        evals = []
+        for _ in range(3):
+            start = time.perf_counter()
+            assess(model)
+            evals.append(time.perf_counter() - start)
+    # fp32 merged weights vs PEFT's unmerged adapter forward: the same model up to rounding
+    diff = max(abs(a[k] - b[k]) for a, b in zip(ours_results, naive_results) for k in a)
+    one_eval = sorted(evals)[1]
+    marginal = sorted(steps[1:])[len(steps[1:]) // 2]  # median cost of each λ after the first
+    note = f"11 λ, lora_fusion suites × {args.n} prompts; largest metric difference {diff:.3f}"
+    record("fusion sweep: in-process 11-λ sweep vs naive reload+PEFT cat per λ", ours_time, naive_time, "s", 0.5,
+           False, "python -m bench.sweep", note)
+    record("fusion sweep: marginal cost per extra λ / one evaluation", marginal, one_eval, "s", 1.15, False,
+           "python -m bench.sweep", f"median of 10 per-λ steps (set + evaluate) vs median of 3 plain evaluations")
+
+
+if __name__ == "__main__":
+    main()

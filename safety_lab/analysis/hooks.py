@@ -1,0 +1,102 @@
+"""Reading and steering a Llama-style causal LM's internals with forward hooks.
+
+`activations` records, per decoder layer, the residual stream entering the layer, the MLP input (what the
+gate/up projections see) and the MLP hidden activation act(gate)·up (what `down_proj` sees), at the first output
+position of each prompt: the position whose next-token prediction is the answer, or the refusal. `steer` ablates a
+direction from the whole residual stream (Arditi et al.) or adds it at one layer's input, for as long as the
+context is open, so generation and scoring under an intervention reuse the ordinary code.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import torch
+
+from safety_lab.analysis.geometry import ablate
+from safety_lab.data.collate import pad_right, tokenize_prompts
+from safety_lab.data.template import PromptTemplate
+from safety_lab.errors import SafetyLabError
+
+SITES = ("resid", "mlp_in", "mlp_hidden")
+
+
+def decoder_layers(model) -> list:
+    layers = getattr(getattr(model, "model", None), "layers", None)
+    if layers is None or not all(hasattr(layer, "mlp") and hasattr(layer.mlp, "down_proj") for layer in layers):
+        raise SafetyLabError(f"analysis needs a Llama-style decoder (model.layers[i].mlp.down_proj); "
+                             f"got {type(model).__name__}")
+    return list(layers)
+
+
+def encode(tokenizer, template: PromptTemplate, prompts: list[str]) -> dict[str, torch.Tensor]:
+    """Right-padded prompt batch plus `last`: the index of each prompt's last token (its first output position)."""
+    ids = tokenize_prompts(tokenizer, template, prompts)
+    batch = pad_right([(row, row) for row in ids], tokenizer.pad_token_id)
+    return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"],
+            "last": torch.tensor([len(row) - 1 for row in ids])}
+
+
+@torch.no_grad()
+def activations(model, tokenizer, template: PromptTemplate, prompts: list[str], batch_size: int = 256):
+    """({site: [layers, n, d]} at each prompt's first output position, next-token logits there [n, vocab])."""
+    layers = decoder_layers(model)
+    captured: dict[tuple[str, int], torch.Tensor] = {}
+    rows: dict[str, list[list[torch.Tensor]]] = {site: [[] for _ in layers] for site in SITES}
+
+    def recorder(site: str, i: int):
+        def hook(module, args):
+            captured[(site, i)] = args[0].detach()
+        return hook
+
+    handles = [h for i, layer in enumerate(layers) for h in (
+        layer.register_forward_pre_hook(recorder("resid", i)),
+        layer.mlp.register_forward_pre_hook(recorder("mlp_in", i)),
+        layer.mlp.down_proj.register_forward_pre_hook(recorder("mlp_hidden", i)))]
+    was_training = model.training
+    model.eval()
+    logits = []
+    try:
+        for start in range(0, len(prompts), batch_size):
+            batch = encode(tokenizer, template, prompts[start:start + batch_size])
+            out = model(input_ids=batch["input_ids"].to(model.device),
+                        attention_mask=batch["attention_mask"].to(model.device))
+            at = torch.arange(len(batch["last"]))
+            logits.append(out.logits[at, batch["last"]].float().cpu())
+            for (site, i), value in captured.items():
+                rows[site][i].append(value[at, batch["last"]].float().cpu())
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    return {site: torch.stack([torch.cat(per_layer) for per_layer in rows[site]]) for site in SITES}, torch.cat(logits)
+
+
+@contextmanager
+def steer(model, direction: torch.Tensor, mode: str, layer: int = 0, coefficient: float = 1.0):
+    """`mode="ablate"`: x ← x − (x·r̂)r̂ on every layer's input and every attention and MLP output, so no layer ever
+    writes or reads the direction. `mode="add"`: x ← x + coefficient·r at the input of `layer` only."""
+    layers = decoder_layers(model)
+    r = direction.to(next(model.parameters()).device, next(model.parameters()).dtype)
+
+    def on_input(module, args):
+        x = args[0]
+        return (ablate(x, r) if mode == "ablate" else x + coefficient * r, *args[1:])
+
+    def on_output(module, args, output):
+        if isinstance(output, tuple):
+            return (ablate(output[0], r), *output[1:])
+        return ablate(output, r)
+
+    if mode == "ablate":
+        handles = [h for layer_ in layers for h in (layer_.register_forward_pre_hook(on_input),
+                                                     layer_.self_attn.register_forward_hook(on_output),
+                                                     layer_.mlp.register_forward_hook(on_output))]
+    elif mode == "add":
+        handles = [layers[layer].register_forward_pre_hook(on_input)]
+    else:
+        raise ValueError(f"steer mode must be 'ablate' or 'add', got {mode!r}")
+    try:
+        yield model
+    finally:
+        for h in handles:
+            h.remove()

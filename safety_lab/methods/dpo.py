@@ -1,0 +1,165 @@
+"""Direct preference optimisation as a LightningModule, and what every pairwise method shares.
+
+`PairModule` scores chosen and rejected responses in one forward pass ([chosen; rejected] along the batch) and
+hands their log-probs, with the reference's, to an objective built from the pure losses in `losses.py`. The
+reference log-probs are computed once, before training, from the model as it is given (for a LoRA policy: the
+same weights with the adapter disabled, so there is one copy of the weights; for full fine-tuning: the weights
+before the first step, so no frozen copy is kept) and cached in the artifact store under `ref_logps`, keyed by
+the data fingerprint and a hash of the reference weights: reruns and sweeps never recompute them. Dropout is off.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+from typing import Callable
+
+import lightning as L
+import torch
+from safetensors.torch import load_file, save_file
+
+from safety_lab.data.collate import TokenizedPreferences
+from safety_lab.data.records import Preference
+from safety_lab.errors import SafetyLabError
+from safety_lab.methods import Method
+from safety_lab.methods.losses import dpo_loss, normalise_logps, sequence_logps
+from safety_lab.methods.sft import SFTModule
+from safety_lab.models.lora import attach_lora
+
+log = logging.getLogger(__name__)
+REF_FILE = "ref_logps.safetensors"
+
+# objective(policy log-probs [2B], policy token counts [2B], reference log-probs [2B] or None, counts) -> (loss, logs)
+Objective = Callable[..., tuple[torch.Tensor, dict[str, torch.Tensor]]]
+
+
+def weights_hash(*named_tensors: dict[str, torch.Tensor]) -> str:
+    """sha256 over the names and bytes of every tensor: the identity of a reference model's weights."""
+    digest = hashlib.sha256()
+    for tensors in named_tensors:
+        for name in sorted(tensors):
+            t = tensors[name].detach().cpu().contiguous()
+            digest.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+            digest.update(t.view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def disable_dropout(model: torch.nn.Module) -> None:
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+
+
+def preference_data(ctx, method_cfg, dataset_cfg, tokenizer) -> TokenizedPreferences:
+    pairs = ctx.examples(dataset_cfg)
+    if not pairs or not all(isinstance(p, Preference) for p in pairs):
+        raise SafetyLabError(f"method={method_cfg.name} needs preference pairs (prompt, chosen, rejected); "
+                             f"dataset.view={dataset_cfg.get('view')!r} gives none (use dataset=preferences)")
+    return TokenizedPreferences(pairs, tokenizer, ctx.template, ctx.cfg.model.max_length)
+
+
+def check_logp_settings(cfg) -> None:
+    if cfg.logp == "fixed" and not cfg.fixed_length:
+        raise SafetyLabError("method.logp=fixed needs method.fixed_length (Jain et al.: 159)")
+    if cfg.logp != "fixed" and cfg.fixed_length:
+        raise SafetyLabError(f"method.fixed_length is only used with method.logp=fixed, not {cfg.logp}")
+
+
+@torch.no_grad()
+def reference_logps(ctx, forward: Callable, data: TokenizedPreferences, weights_id: str,
+                    batch_size: int) -> dict[str, torch.Tensor]:
+    """{"logps": [N, 2] summed log-probs of (chosen, rejected), "counts": [N, 2] their token counts} under the
+    reference `forward(input_ids, attention_mask) -> logits`, from the store when it has them."""
+    def build(folder):
+        loader = torch.utils.data.DataLoader(data, batch_size=batch_size, collate_fn=data.collate)
+        logps, counts = torch.zeros(len(data), 2), torch.zeros(len(data), 2, dtype=torch.long)
+        for batch in loader:
+            summed, n = sequence_logps(forward(batch["input_ids"], batch["attention_mask"]), batch["labels"])
+            logps[batch["index"]] = summed.view(2, -1).T.cpu()
+            counts[batch["index"]] = n.view(2, -1).T.cpu()
+        save_file({"logps": logps, "counts": counts}, str(folder / REF_FILE))
+        return {"pairs": len(data)}
+
+    folder = ctx.store.get_or_build("ref_logps", {"data": data.fingerprint, "reference": weights_id}, build)
+    return load_file(str(folder / REF_FILE))
+
+
+def dpo_objective(cfg) -> Objective:
+    if cfg.beta <= 0 or (cfg.beta_rejected is not None and cfg.beta_rejected <= 0):
+        raise SafetyLabError(f"method.beta / method.beta_rejected must be > 0, got {cfg.beta} / {cfg.beta_rejected}")
+    check_logp_settings(cfg)
+
+    def objective(logps, counts, ref_logps, ref_counts):
+        policy = normalise_logps(logps, counts, cfg.logp, cfg.fixed_length).chunk(2)
+        ref = normalise_logps(ref_logps, ref_counts, cfg.logp, cfg.fixed_length).chunk(2)
+        loss = dpo_loss(policy[0], policy[1], ref[0], ref[1], cfg.beta, cfg.beta_rejected)
+        chosen_reward, rejected_reward = policy[0] - ref[0], policy[1] - ref[1]
+        return loss, {"reward_accuracy": (chosen_reward > rejected_reward).float().mean(),
+                      "margin": (chosen_reward - rejected_reward).mean()}
+    return objective
+
+
+class PairModule(L.LightningModule):
+    """Trains `model` (anything whose forward gives `.logits`) on preference batches with `objective`."""
+
+    configure_optimizers = SFTModule.configure_optimizers  # same AdamW + warm-up/cosine, same hparam names
+
+    def __init__(self, model: torch.nn.Module, objective: Objective, reference: dict | None, lr: float,
+                 weight_decay: float = 0.0, warmup_ratio: float = 0.05, betas: tuple[float, float] = (0.9, 0.98),
+                 min_lr_ratio: float = 0.0):
+        super().__init__()
+        self.model, self.objective, self.reference = model, objective, reference
+        self.save_hyperparameters(ignore=["model", "objective", "reference"])
+
+    def training_step(self, batch, batch_idx):
+        logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        logps, counts = sequence_logps(logits, batch["labels"])
+        ref = None
+        if self.reference is not None:  # [B, 2] rows of the batch's pairs -> [2B] as (chosen; rejected)
+            ref = [self.reference[k][batch["index"].cpu()].T.flatten().to(logps.device) for k in ("logps", "counts")]
+        loss, logs = self.objective(logps, counts, *(ref or (None, None)))
+        size = batch["index"].shape[0]
+        self.log("train/loss", loss, prog_bar=True, batch_size=size)
+        self.log_dict({f"train/{k}": v for k, v in logs.items()}, batch_size=size)
+        # every objective is a mean over pairs: as a sum over them divided by the global batch's normaliser it
+        # averages the whole global batch however it is split (data/batching.py)
+        return loss * size / batch.get("loss_normalizer", size)
+
+
+def fit_pairs(ctx, stage: str, policy, objective: Objective, reference, data, m) -> dict:
+    module = PairModule(policy, objective, reference, lr=m.lr, weight_decay=m.weight_decay,
+                        warmup_ratio=m.warmup_ratio, min_lr_ratio=m.min_lr_ratio)
+    return ctx.fit(stage, module, data, m.batch_size, m.epochs, ctx.cfg.seed)
+
+
+def policy_and_reference(ctx, model, m, data, needs_reference: bool):
+    """(policy: the model with a fresh LoRA adapter, or the model itself; cached reference log-probs or None)."""
+    reference_id = weights_hash(dict(model.named_parameters())) if needs_reference else None
+    policy = attach_lora(model, **ctx.plain(m.lora)) if m.lora else model
+    disable_dropout(policy)
+    if not needs_reference:
+        return policy, None
+    adapter_off = policy.disable_adapter if m.lora else contextlib.nullcontext
+
+    def forward(input_ids, attention_mask):
+        with adapter_off():
+            return policy(input_ids=input_ids, attention_mask=attention_mask).logits
+
+    was_training = policy.training
+    policy.eval()
+    reference = reference_logps(ctx, forward, data, reference_id, m.ref_batch_size)
+    policy.train(was_training)
+    return policy, reference
+
+
+class DPO(Method):
+    name = "dpo"
+
+    def check(self, method_cfg) -> None:
+        dpo_objective(method_cfg)
+
+    def train(self, ctx, model, tokenizer, method_cfg, dataset_cfg):
+        objective = dpo_objective(method_cfg)
+        data = preference_data(ctx, method_cfg, dataset_cfg, tokenizer)
+        policy, reference = policy_and_reference(ctx, model, method_cfg, data, needs_reference=True)
+        return policy, fit_pairs(ctx, self.name, policy, objective, reference, data, method_cfg)

@@ -1,0 +1,46 @@
+"""Unlearning on preference pairs: gradient ascent, gradient difference (Jain et al.) and NPO.
+
+The preferred response is kept (descent on its NLL, weight `retain_weight`); the dispreferred one is forgotten
+(weight `forget_weight`) by ascent on its NLL (`ascent`, `graddiff`; optionally clamped so it cannot diverge) or by
+NPO against cached reference log-probs (`npo`). Batching, the LoRA policy and the reference cache are DPO's.
+"""
+from __future__ import annotations
+
+from safety_lab.errors import SafetyLabError
+from safety_lab.methods import Method
+from safety_lab.methods.dpo import check_logp_settings, fit_pairs, policy_and_reference, preference_data
+from safety_lab.methods.losses import ascent_term, normalise_logps, npo_term, unlearning_loss
+
+
+def unlearn_objective(cfg):
+    loss = cfg.loss
+    check_logp_settings(cfg)
+    if loss == "npo" and cfg.beta <= 0:
+        raise SafetyLabError(f"method.beta must be > 0 for method.loss=npo, got {cfg.beta}")
+    if loss == "npo" and cfg.clamp is not None:
+        raise SafetyLabError("method.clamp bounds gradient ascent; NPO is bounded already (leave clamp unset)")
+
+    def objective(logps, counts, ref_logps, ref_counts):
+        keep, forget = normalise_logps(logps, counts, cfg.logp, cfg.fixed_length).chunk(2)
+        if loss == "npo":
+            ref_forget = normalise_logps(ref_logps, ref_counts, cfg.logp, cfg.fixed_length).chunk(2)[1]
+            forget_term = npo_term(forget, ref_forget, cfg.beta)
+        else:
+            forget_term = ascent_term(-forget, cfg.clamp)
+        return unlearning_loss(-keep, forget_term, cfg.retain_weight, cfg.forget_weight), {
+            "forget_nll": -forget.mean().detach(), "retain_nll": -keep.mean().detach()}
+    return objective
+
+
+class Unlearn(Method):
+    name = "unlearn"
+
+    def check(self, method_cfg) -> None:
+        unlearn_objective(method_cfg)
+
+    def train(self, ctx, model, tokenizer, method_cfg, dataset_cfg):
+        objective = unlearn_objective(method_cfg)
+        data = preference_data(ctx, method_cfg, dataset_cfg, tokenizer)
+        policy, reference = policy_and_reference(ctx, model, method_cfg, data,
+                                                 needs_reference=method_cfg.loss == "npo")
+        return policy, fit_pairs(ctx, self.name, policy, objective, reference, data, method_cfg)
