@@ -137,6 +137,11 @@ class MaskExport(str, Enum):
     topk = "topk"  # the `top_k` fraction of largest logits of each tensor
 
 
+class MaskMerge(str, Enum):
+    task_arithmetic = "task_arithmetic"  # λ·Σ_i m ⊙ τ_i / mean(m)
+    ties = "ties"  # TIES over the masked vectors (fusion.merges.ties), as SOMF's multi-task realignment
+
+
 @dataclass
 class MaskSettings:
     space: MaskSpace = MaskSpace.dense
@@ -149,7 +154,9 @@ class MaskSettings:
 class MaskDPOConfig(DPOConfig):
     name: str = "mask_dpo"
     tasks: dict[str, Any] = field(default_factory=dict)  # name -> stage {method, dataset}: the task adapters
-    task_weight: float = 1.0  # task arithmetic over the masked task vectors inside the forward
+    task_weight: float = 1.0  # λ of the merge of the masked task vectors inside the forward
+    merge: MaskMerge = MaskMerge.task_arithmetic
+    merge_args: dict[str, Any] = field(default_factory=dict)  # merge=ties: keyword arguments of fusion.merges.ties
     mask: MaskSettings = field(default_factory=MaskSettings)
     export: MaskExport = MaskExport.expected  # how the trained mask becomes the realigned model
     export_seed: int = 0  # export=sample

@@ -111,3 +111,21 @@ def test_factor_space_masks_a_and_b_separately(lora_model):
     ma, mb = half[f"{name}.lora_A"], half[f"{name}.lora_B"]
     expected = (b * mb / mb.mean()) @ (a * ma / ma.mean())
     assert torch.allclose(factor_deltas(masked_deltas([factors], half))[name], expected, atol=1e-6)
+
+
+def test_shared_mask_under_ties_inside_the_forward(lora_model):
+    from safety_lab.fusion.merges import ties
+
+    model, peft = lora_model
+    tau = lora_task_vector(peft)
+    other = {n: -0.5 * t + 0.01 for n, t in tau.items()}
+    mask = ConcreteMask({n: t.shape for n, t in tau.items()})
+    policy = MaskedPolicy(model, [tau, other], weight=0.7, mask=mask, merge="ties", merge_args={"density": 0.5})
+    fixed = {n: torch.bernoulli(torch.full(t.shape, 0.5), generator=torch.Generator().manual_seed(2))
+             for n, t in tau.items()}
+    expected = ties([{n: rescaled(t[n], fixed[n]) for n in t} for t in (tau, other)], [0.7, 0.7], density=0.5)
+    deltas = policy.deltas(fixed)
+    assert all(torch.allclose(deltas[n], expected[n]) for n in tau)
+    ids = torch.randint(4, 50, (1, 5), generator=torch.Generator().manual_seed(0))
+    policy(ids, torch.ones_like(ids)).logits.sum().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in mask.logits)

@@ -22,7 +22,7 @@ from omegaconf import OmegaConf
 
 from safety_lab.artifacts import MANIFEST, ArtifactStore
 from safety_lab.config import register
-from safety_lab.data.batching import GlobalBatchSampler, global_batch_loader
+from safety_lab.data.batching import GlobalBatchSampler
 from safety_lab.data.collate import TokenizedExamples
 from safety_lab.data.records import Example
 from safety_lab.methods.losses import token_cross_entropy

@@ -134,7 +134,6 @@ class ResumeState(Callback):
         if state is None:
             return
         epoch, consumed = state["epoch"], state["consumed"]
-        self.sampler.set_epoch(epoch)
         if consumed >= len(self.sampler):  # saved on the epoch's last batch: resume with the next epoch
             epoch, consumed = epoch + 1, 0
         self.sampler.set_epoch(epoch)

@@ -3,7 +3,7 @@
 The task adapters come from stage recipes (`method.tasks.<name>: {method, dataset}`) resolved on the aligned model
 through `Context.apply_stage`, so each is trained once and shared with any run that names the same recipe. Their
 task vectors τ_i (dense ΔW per adapted weight, or the LoRA factors with `mask.space=factors`) stay fixed; the policy
-is θ_safe + λ·Σ_i m ⊙ τ_i / mean(m), evaluated with `torch.func.functional_call` so it is differentiable w.r.t.
+is θ_safe + λ·Σ_i m ⊙ τ_i / mean(m) (or TIES over the masked τ_i, `merge=ties`), evaluated with `torch.func.functional_call` so it is differentiable w.r.t.
 the mask logits, with a fresh Concrete sample m per forward. The reference is deterministic: the unmasked fine-tuned
 model θ_safe + λ·Σ_i τ_i (SOMF's code re-samples a random mask for it). The trained logits are a `mask` artifact
 (exports do not retrain it); the run's own artifact is the realigned model for the chosen `export`.
@@ -18,7 +18,8 @@ import torch
 from torch.func import functional_call
 
 from safety_lab.errors import SafetyLabError
-from safety_lab.fusion.mask import ConcreteMask, factor_deltas, masked_deltas
+from safety_lab.fusion.mask import ConcreteMask, factor_deltas, masked_deltas, rescaled
+from safety_lab.fusion.merges import ties
 from safety_lab.fusion.task_vectors import lora_factors, lora_task_vector
 from safety_lab.methods import Method
 from safety_lab.methods.dpo import (disable_dropout, dpo_objective, fit_pairs, preference_data, reference_logps,
@@ -33,9 +34,11 @@ class MaskedPolicy(torch.nn.Module):
     trainable parameters. `masks` fixes m (e.g. all ones: the reference); otherwise each forward samples it."""
 
     def __init__(self, model: torch.nn.Module, taus: list[dict[str, torch.Tensor]], weight: float = 1.0,
-                 factors: bool = False, mask: ConcreteMask | None = None):
+                 factors: bool = False, mask: ConcreteMask | None = None, merge: str = "task_arithmetic",
+                 merge_args: dict | None = None):
         super().__init__()
         self.model, self.weight, self.factors, self.mask = model.requires_grad_(False), weight, factors, mask
+        self.merge_name, self.merge_args = merge, dict(merge_args or {})
         self.masks: dict[str, torch.Tensor] | None = None
         self.names = list(taus[0])
         for i, tau in enumerate(taus):  # buffers, so they follow the module to its device, but stay out of checkpoints
@@ -50,7 +53,11 @@ class MaskedPolicy(torch.nn.Module):
 
     def deltas(self, masks: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Dense ΔW per adapted weight, keyed by the model's parameter name."""
-        merged = masked_deltas(self.taus, masks, self.weight)
+        if self.merge_name == "ties":
+            masked = [{name: rescaled(tau[name], mask) for name, mask in masks.items()} for tau in self.taus]
+            merged = ties(masked, [self.weight] * len(masked), **self.merge_args)
+        else:
+            merged = masked_deltas(self.taus, masks, self.weight)
         return factor_deltas(merged) if self.factors else merged
 
     def ones(self) -> dict[str, torch.Tensor]:
@@ -124,7 +131,8 @@ class MaskDPO(Method):
         base_id = ctx.base_id
         taus, task_ids = task_vectors(ctx, model, tokenizer, cfg)
         disable_dropout(model)
-        policy = MaskedPolicy(model, taus, cfg.task_weight, factors=cfg.mask.space == "factors")
+        policy = MaskedPolicy(model, taus, cfg.task_weight, factors=cfg.mask.space == "factors", merge=cfg.merge,
+                              merge_args=ctx.plain(cfg.merge_args))
         if cfg.export == "none":
             return policy.merge(policy.ones()), {}
         shapes = {name: t.shape for name, t in taus[0].items()}
@@ -137,7 +145,8 @@ class MaskDPO(Method):
             data = preference_data(ctx, cfg, dataset_cfg, tokenizer)
             policy.masks = policy.ones()
             model.eval()
-            reference_id = f"{weights_hash(dict(model.named_parameters()), *taus)}-{cfg.task_weight}-{cfg.mask.space}"
+            reference_id = "-".join(map(str, (weights_hash(dict(model.named_parameters()), *taus), cfg.task_weight,
+                                              cfg.mask.space, cfg.merge, sorted(ctx.plain(cfg.merge_args).items()))))
             reference = reference_logps(ctx, lambda *batch: policy(*batch).logits, data, reference_id,
                                         cfg.ref_batch_size)
             policy.masks = None
@@ -157,6 +166,6 @@ class MaskDPO(Method):
         mask = ConcreteMask.load(folder, cfg.mask.temperature)
         exported = mask.export(cfg.export, cfg.export_seed, cfg.top_k)
         kept = density_per_layer({n: float(m.mean()) for n, m in exported.items()}, shapes)
-        log.info("mask %s (export=%s): kept share per layer %s", folder.name, cfg.export,
+        log.info("mask %s (export=%s): kept share per layer %s", folder.name, ctx.plain(cfg)["export"],
                  {k: round(v, 3) for k, v in kept.items()})
         return policy.merge(exported), {**kept, "mask": f"mask/{folder.name}"}
