@@ -43,6 +43,8 @@ from safety_lab.worlds.synthetic.world import World, WorldSpec
 log = logging.getLogger(__name__)
 for _name in ("lightning.pytorch", "lightning.fabric"):  # their banners ("GPU available: False", tips) add nothing
     logging.getLogger(_name).setLevel(logging.WARNING)
+# Model settings that do not change the synthetic base's weights (or only apply to real models).
+NOT_IN_BASE_RECIPE = ("template", "gradient_checkpointing", "quantization")
 # Trainer settings that change nothing about the trained weights, so they stay out of recipes.
 COSMETIC = {"log_every_n_steps", "enable_checkpointing", "enable_model_summary", "enable_progress_bar",
             "num_sanity_val_steps"}
@@ -146,7 +148,7 @@ def resolve_base(ctx: Context):
             model, tokenizer = load_pretrained(m.path, m.dtype, quantization=m.quantization)
             base_id = str(m.path)
     else:
-        recipe = {"model": {k: v for k, v in plain(m).items() if k not in ("template", "gradient_checkpointing")},
+        recipe = {"model": {k: v for k, v in plain(m).items() if k not in NOT_IN_BASE_RECIPE},
                   "world": plain(cfg.world),
                   **ctx.training_recipe}
 

@@ -62,7 +62,8 @@ def check_logp_settings(cfg) -> None:
     if cfg.logp == "fixed" and not cfg.fixed_length:
         raise SafetyLabError("method.logp=fixed needs method.fixed_length (Jain et al.: 159)")
     if cfg.logp != "fixed" and cfg.fixed_length:
-        raise SafetyLabError(f"method.fixed_length is only used with method.logp=fixed, not {cfg.logp}")
+        raise SafetyLabError(f"method.fixed_length is only used with method.logp=fixed, not "
+                             f"{getattr(cfg.logp, 'value', cfg.logp)}")
 
 
 @torch.no_grad()
