@@ -2,10 +2,13 @@
 
 Every figure is a ratio against a baseline measured in the same process (or back to back), so the noisy machine
 cancels out; `record` merges one entry into `bench/results.json` and rewrites the table in `bench/README.md`.
+Each entry carries the peak RSS of the measured side and of its baseline: within one process, `reset_peak_rss`
+before a side and `peak_rss_mib` after it give that side's own high-water mark (Linux `clear_refs`).
 """
 from __future__ import annotations
 
 import json
+import os
 import platform
 import resource
 import statistics
@@ -29,17 +32,41 @@ def median_time(fn: Callable[[], object], repeats: int = 3, warmup: int = 1) -> 
     return statistics.median(times)
 
 
+def reset_peak_rss() -> None:
+    """Restart this process's peak-RSS count from its current RSS (Linux; elsewhere the peak stays cumulative)."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
 def peak_rss_mib() -> float:
-    """Peak resident memory of this process so far (Linux reports KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    """Peak resident memory of this process since start or the last `reset_peak_rss`, in MiB."""
+    try:
+        status = Path("/proc/self/status").read_text()
+        return int(status.split("VmHWM:")[1].split()[0]) / 1024
+    except (OSError, IndexError):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def peak_rss_of(fn: Callable[[], object]) -> tuple[object, float]:
+    """(fn(), the peak RSS in MiB while it ran)."""
+    reset_peak_rss()
+    result = fn()
+    return result, peak_rss_mib()
 
 
 def record(name: str, value: float, baseline: float, unit: str, target: float | None, higher_is_better: bool,
-           command: str, note: str = "") -> dict:
+           command: str, note: str = "", rss: tuple[float, float] | None = None) -> dict:
+    """Merge one figure into results.json and the README table; `rss` = (peak RSS of the measured side, of the
+    baseline side) in MiB."""
     ratio = value / baseline if baseline else float("nan")
     entry = {"name": name, "value": round(value, 4), "baseline": round(baseline, 4), "unit": unit,
              "ratio": round(ratio, 4), "target": target, "higher_is_better": higher_is_better,
-             "command": command, "note": note}
+             "command": command, "note": note,
+             "peak_rss_mib": round(rss[0], 1) if rss else None,
+             "baseline_peak_rss_mib": round(rss[1], 1) if rss else None,
+             "load_avg_1m": round(os.getloadavg()[0], 1), "cpus": os.cpu_count()}
     entries = [e for e in (json.loads(RESULTS.read_text()) if RESULTS.exists() else []) if e["name"] != name]
     entries.append(entry)
     RESULTS.write_text(json.dumps(entries, indent=2) + "\n")
@@ -53,15 +80,20 @@ def _write_table(entries: list[dict]) -> None:
     import torch
     import transformers
 
-    rows = ["| benchmark | value | baseline | ratio | target | met | command |", "|---|---|---|---|---|---|---|"]
+    rows = ["| benchmark | value | baseline | ratio | target | met | peak RSS MiB (value / baseline) | load "
+            "| command |",
+            "|---|---|---|---|---|---|---|---|---|"]
     for e in entries:
         t = e["target"]
         ok = "–" if t is None else ("yes" if (e["ratio"] >= t if e["higher_is_better"] else e["ratio"] <= t) else "**no**")
         bound = "–" if t is None else (f"≥ {t}" if e["higher_is_better"] else f"≤ {t}")
-        rows.append(f"| {e['name']} | {e['value']} {e['unit']} | {e['baseline']} {e['unit']} | {e['ratio']} | "
-                    f"{bound} | {ok} | `{e['command']}` |")
-    machine = (f"Machine: {platform.machine()}, {platform.processor() or 'cpu'}, Python {platform.python_version()}, "
-               f"torch {torch.__version__}, transformers {transformers.__version__}.")
+        rss = "–" if e.get("peak_rss_mib") is None else f"{e['peak_rss_mib']:.0f} / {e['baseline_peak_rss_mib']:.0f}"
+        rows.append(f"| {e['name']} | {e['value']:.4g} {e['unit']} | {e['baseline']:.4g} {e['unit']} | {e['ratio']} | "
+                    f"{bound} | {ok} | {rss} | {e.get('load_avg_1m', '–')} | `{e['command']}` |")
+    machine = (f"Machine: {platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}, "
+               f"torch {torch.__version__} ({torch.get_num_threads()} threads by default), "
+               f"transformers {transformers.__version__}."
+               " *load*: the 1-minute load average when the figure was recorded (the machine is shared).")
     block = f"{TABLE_START}\n{machine}\n\n" + "\n".join(rows) + f"\n{TABLE_END}"
     text = README.read_text() if README.exists() else "# Benchmarks\n\n" + TABLE_START + TABLE_END + "\n"
     if TABLE_START not in text:

@@ -118,9 +118,10 @@ def main() -> None:
         print(f"{name}: {side['seconds']:.1f} s, {side['tokens'] / side['seconds']:.0f} tokens/s, "
               f"peak RSS {side['peak_rss_mib']:.0f} MiB")
     record("DPO epoch: method=dpo vs TRL DPOTrainer, throughput", mine["tokens"] / mine["seconds"],
-           theirs["tokens"] / theirs["seconds"], "tokens/s", 2.0, True, command, note)
+           theirs["tokens"] / theirs["seconds"], "tokens/s", 2.0, True, command, note,
+           rss=(mine["peak_rss_mib"], theirs["peak_rss_mib"]))
     record("DPO epoch: method=dpo vs TRL DPOTrainer, peak RSS", mine["peak_rss_mib"], theirs["peak_rss_mib"], "MiB",
-           1.0, False, command, note)
+           1.0, False, command, note, rss=(mine["peak_rss_mib"], theirs["peak_rss_mib"]))
 
 
 if __name__ == "__main__":

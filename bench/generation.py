@@ -8,7 +8,7 @@ import time
 
 import torch
 
-from bench.common import median_time, quickstart_base, record
+from bench.common import median_time, peak_rss_of, quickstart_base, record
 from safety_lab.eval.generate import generate
 from safety_lab.worlds.synthetic import views
 
@@ -32,9 +32,10 @@ def main() -> None:
     suites = [views.suite(ctx.world, name, N_PROMPTS // len(views.SUITES)) for name in views.SUITES]
     prompts = [p.prompt for suite in suites for p in suite]
     new = ctx.world.spec.max_len + 2
-    batched = generate(model, tokenizer, prompts, new, batch_size=256, progress=False)
+    batched, batched_rss = peak_rss_of(lambda: generate(model, tokenizer, prompts, new, batch_size=256,
+                                                        progress=False))
     start = time.perf_counter()
-    baseline = one_by_one(model, tokenizer, prompts, new)
+    baseline, loop_rss = peak_rss_of(lambda: one_by_one(model, tokenizer, prompts, new))
     loop_seconds = time.perf_counter() - start
     mismatches = sum(a != b for a, b in zip(batched, baseline))
     if mismatches:
@@ -42,7 +43,7 @@ def main() -> None:
     batched_seconds = median_time(lambda: generate(model, tokenizer, prompts, new, batch_size=256, progress=False))
     record("generation: batched greedy vs per-prompt generate", len(prompts) / batched_seconds,
            len(prompts) / loop_seconds, "prompts/s", 5.0, True, "python -m bench.generation",
-           f"{len(prompts)} prompts, identical outputs")
+           f"{len(prompts)} prompts, identical outputs", rss=(batched_rss, loop_rss))
 
 
 if __name__ == "__main__":

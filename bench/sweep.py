@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from bench.common import compose, record
+from bench.common import compose, peak_rss_of, record
 
 WEIGHTS = [round(0.1 * i, 1) for i in range(11)]
 
@@ -108,16 +108,17 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         base_folder = Path(tmp) / "aligned"
         save_pretrained(model, tokenizer, base_folder)  # what the naive way reloads per point
-        ours_time, step_ratios, ours_results = ours(base_folder, folders, assess)
-        naive_time, naive_results = naive(base_folder, folders, assess)
+        (ours_time, step_ratios, ours_results), ours_rss = peak_rss_of(lambda: ours(base_folder, folders, assess))
+        (naive_time, naive_results), naive_rss = peak_rss_of(lambda: naive(base_folder, folders, assess))
     # fp32 merged weights vs PEFT's unmerged adapter forward: the same model up to rounding
     diff = max(abs(a[k] - b[k]) for a, b in zip(ours_results, naive_results) for k in a)
     marginal = sorted(step_ratios)[len(step_ratios) // 2]  # median over the 10 λ after the first
     note = f"11 λ, lora_fusion suites × {args.n} prompts; largest metric difference {diff:.3f}"
     record("fusion sweep: in-process 11-λ sweep vs naive reload+PEFT cat per λ", ours_time, naive_time, "s", 0.5,
-           False, "python -m bench.sweep", note)
+           False, "python -m bench.sweep", note, rss=(ours_rss, naive_rss))
     record("fusion sweep: marginal cost per extra λ / one evaluation", marginal, 1.0, "x", 1.15, False,
-           "python -m bench.sweep", "median over 10 λ of (set + evaluate) / a plain evaluation of the same model")
+           "python -m bench.sweep", "median over 10 λ of (set + evaluate) / a plain evaluation of the same model",
+           rss=(ours_rss, ours_rss))
 
 
 if __name__ == "__main__":

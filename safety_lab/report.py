@@ -118,8 +118,8 @@ def write_plots(rows: list[dict], folder: Path) -> list[Path]:
         for key in [k for k in _metric_keys(done) if re.fullmatch(rf"{suite}[^./]*/{metric}", k)]:
             points = [(xi, r) for xi, r in zip(x, done) if key in r]
             ys = [r[key] for _, r in points]
-            err = [[y - r.get(f"{key}_ci_low", y) for y, (_, r) in zip(ys, points)],
-                   [r.get(f"{key}_ci_high", y) - y for y, (_, r) in zip(ys, points)]]
+            err = [[max(0.0, y - r.get(f"{key}_ci_low", y)) for y, (_, r) in zip(ys, points)],  # 1 − 1e-16 bounds
+                   [max(0.0, r.get(f"{key}_ci_high", y) - y) for y, (_, r) in zip(ys, points)]]
             ax.errorbar([p[0] for p in points], ys, yerr=err, marker="o", capsize=3, label=key)
         ax.set(title=title, xlabel=xlabel, ylim=(-0.03, 1.03))
         if ax.get_legend_handles_labels()[0]:

@@ -96,8 +96,10 @@ class Context:
             if resume:
                 log.info("resuming %s from %s", stage, resume)
         logger = instantiate(cfg.logger, name=stage)
+        # outside a store build nothing resumes, so no Lightning default end-of-epoch checkpoint is written either
         trainer = instantiate(cfg.trainer, **plain(cfg.strategy), max_epochs=epochs, logger=logger,
                               callbacks=callbacks, use_distributed_sampler=False,
+                              enable_checkpointing=any(isinstance(c, ModelCheckpoint) for c in callbacks),
                               default_root_dir=str(Path(cfg.paths.output_dir) / stage))
         if cfg.model.get("gradient_checkpointing"):
             module.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

@@ -8,7 +8,7 @@ import torch
 
 from conftest import build_tiny_llama, build_tiny_tokenizer
 from safety_lab.analysis import geometry as g
-from safety_lab.analysis.attacks import logit_gradient_norms, mean_embedding_norm, soft_token_attack
+from safety_lab.analysis.attacks import _layout, logit_gradient_norms, mean_embedding_norm, soft_token_attack
 from safety_lab.analysis.hooks import activations, steer
 from safety_lab.data.template import PromptTemplate
 
@@ -149,6 +149,12 @@ def test_soft_token_attack_honours_n_and_its_norm_bound_and_lowers_the_loss(tiny
     result = soft_token_attack(model, tokenizer, PromptTemplate(), PROMPTS, targets, n_tokens, steps=20,
                                bound=bound, report_at=(5,))
     assert result["soft_tokens"].shape == (3, n_tokens, 32)
+    # exactly n_tokens attended columns between each prompt's body and its last (cue) token, where the target starts
+    ids, mask, labels, soft = _layout(tokenizer, PromptTemplate(), PROMPTS, targets, n_tokens)
+    for i, prompt in enumerate(PROMPTS):
+        body = tokenizer(prompt)["input_ids"]
+        assert ids[i, soft - len(body) + 1:soft].tolist() == body[:-1] and ids[i, soft + n_tokens] == body[-1]
+        assert mask[i, soft:soft + n_tokens].all() and int((labels[i] != -100).nonzero()[0]) == soft + n_tokens
     assert result["soft_tokens"].norm(dim=-1).max() <= bound * (1 + 1e-5)
     assert result["soft_tokens"].norm(dim=-1).max() >= 0.9 * bound  # the steps are large enough to reach the bound
     assert result["loss"] < start["loss"]

@@ -1,6 +1,8 @@
-"""The mechanistic study: its findings logic on constructed numbers, and a smoke run of the whole experiment."""
+"""The mechanistic study: its findings logic on constructed numbers, the analyses on a tiny random synthetic Llama,
+and a smoke run of the whole experiment."""
 from __future__ import annotations
 
+import copy
 import json
 import os
 import subprocess
@@ -8,9 +10,19 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from omegaconf import OmegaConf
 
-from safety_lab.analysis.study import findings
+from safety_lab.analysis.study import Study, findings, mechanistic_study
+from safety_lab.config import AnalysisConfig
+from safety_lab.data.template import PromptTemplate
+from safety_lab.errors import SafetyLabError
+from safety_lab.eval.evaluate import evaluate
+from safety_lab.eval.judges import build_judge
+from safety_lab.models.factory import tiny_llama
+from safety_lab.worlds.synthetic import views
+from safety_lab.worlds.synthetic.tokenizer import build_tokenizer
+from safety_lab.worlds.synthetic.world import World, WorldSpec
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -42,6 +54,97 @@ def test_findings_state_each_claim_as_a_check_on_the_numbers():
     assert lr["models"] == {"low": "sft_b", "high": "sft_a"}
     assert lr["changes_weights_less_holds"] and lr["easier_to_jailbreak_holds"]
     assert lr["jailbreak_compliance"] == {"low": 0.6, "high": 0.2}
+    # the attack's success after its last step, averaged over the numbers of soft tokens
+    results["soft_tokens"] = {t: {"1": {"success": {"0": 0.0, "9": s1}}, "2": {"success": {"0": 0.0, "9": s2}}}
+                              for t, (s1, s2) in {"sft_a": (0.25, 0.5), "sft_b": (1.0, 0.5)}.items()}
+    lr = findings(results, cfg)["smaller_lr"]["sft"]
+    assert lr["soft_token_success"] == {"low": 0.75, "high": 0.375} and lr["easier_to_attack_holds"]
+    # a check whose analysis did not run is left out
+    partial = findings({"jailbreak": results["jailbreak"], "row_space": results["row_space"]}, cfg)
+    assert set(partial) == {"row_space_carries_unsafe"}
+
+
+@pytest.fixture(scope="module")
+def synthetic():
+    world = World(WorldSpec())
+    tokenizer = build_tokenizer(world)
+    model = tiny_llama(tokenizer, hidden_size=24, num_layers=2, num_heads=2, intermediate_size=48,
+                       max_position_embeddings=64).eval()
+    suites = {name: views.suite(world, name, 12) for name in ("utility", "harmful", "jailbreak_competing")}
+    return world, tokenizer, model, suites
+
+
+def _context(**analysis):
+    cfg = OmegaConf.merge(OmegaConf.structured(AnalysisConfig), {"jailbreak_suites": ["jailbreak_competing"],
+                                                                   "lipschitz_n": 4, **analysis})
+    return type("Ctx", (), {"cfg": OmegaConf.create({"analysis": cfg, "seed": 0}), "template": PromptTemplate()})
+
+
+def _study(synthetic, tmp_path, **analysis):
+    _, tokenizer, _, suites = synthetic
+    return Study(_context(**analysis), tokenizer, suites, tmp_path)
+
+
+def _assess(synthetic):
+    _, tokenizer, _, suites = synthetic
+    judge = build_judge("exact")
+
+    def assess(model, tag, only=None):
+        chosen = suites if only is None else {name: suites[name] for name in only}
+        metrics, rows = evaluate(model, tokenizer, chosen, judge, max_new_tokens=4, progress=False)
+        return metrics, [{"model": tag, **row} for row in rows]
+    return assess
+
+
+def test_study_writes_each_chosen_analysis_and_compares_tuned_weights_with_the_base(synthetic, tmp_path):
+    _, _, model, _ = synthetic
+    tuned = copy.deepcopy(model)
+    with torch.no_grad():
+        tuned.model.layers[0].mlp.up_proj.weight.mul_(2.0)  # ΔW = W_pre in that matrix, zero elsewhere
+    study = _study(synthetic, tmp_path, attack={"n": 3, "tokens": [1, 2], "steps": 2, "report_at": [1]},
+                   models={"tuned": {"method": {"name": "sft", "lr": 1e-3}}})
+    assess = _assess(synthetic)
+    columns, rows = study.run({"base": model, "tuned": tuned}, assess, lambda m, names: assess(m, "steered", names)[0])
+    assert set(columns) == {"base", "tuned"} and len(rows) == 2 * 36
+    for name in ("activation_space", "column_space", "row_space", "lipschitz", "soft_tokens", "refusal_direction",
+                 "jailbreak"):
+        assert (tmp_path / f"{name}.json").exists() and (tmp_path / f"{name}.png").exists(), name
+    row = json.loads((tmp_path / "row_space.json").read_text())["tuned"]["matrices"]
+    assert row["layer0.up_proj"]["safe"][0] > 0 and max(row["layer1.gate_proj"]["safe"]) == 0  # ΔW = 0 there
+    column = json.loads((tmp_path / "column_space.json").read_text())["tuned"]["matrices"]
+    assert column["layer0.up_proj"]["relative_change"] == pytest.approx(1.0)  # ‖2W − W‖ / ‖W‖
+    assert max(column["layer0.up_proj"]["sines"]) < 1e-3  # scaling a matrix keeps its column space
+    soft = json.loads((tmp_path / "soft_tokens.json").read_text())
+    assert set(soft["base"]) == {"1", "2"} and list(soft["base"]["1"]["success"]) == ["0", "1", "2"]
+    refusal = json.loads((tmp_path / "refusal_direction.json").read_text())["base"]
+    # every prompt ends in "=": no direction at layer 0; layer 1 is chosen though it is in the last 20%
+    assert refusal["layers"][0] == {"norm": 0.0, "ablated_unsafe": None, "added_safe": None}
+    assert refusal["selected_layer"] == 1 and "harmful/refusal_rate" in refusal["ablated_generation"]
+    checks = json.loads((tmp_path / "findings.json").read_text())
+    assert set(checks) == {"silhouette_up", "jailbreaks_closer_to_safe", "row_space_carries_unsafe", "smaller_lr"}
+    assert checks["smaller_lr"] == {}  # one learning rate per method: nothing to compare
+
+
+def test_study_runs_only_the_chosen_analyses_and_rejects_unknown_ones(synthetic, tmp_path):
+    _, _, model, _ = synthetic
+    study = _study(synthetic, tmp_path, analyses=["activation_space"])
+    assess = _assess(synthetic)
+    study.run({"base": model}, assess, lambda m, names: assess(m, "steered", names)[0])
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "activation_space.json", "activation_space.png", "activation_space_pca.png", "findings.json",
+        "jailbreak.json", "jailbreak.png"]
+    with pytest.raises(SafetyLabError, match="analysis.analyses: 'probes' is not one of"):
+        _study(synthetic, tmp_path, analyses=["probes"])
+
+
+def test_ranks_above_zero_leave_the_analyses_to_rank_zero(synthetic, tmp_path, monkeypatch):
+    _, tokenizer, model, suites = synthetic
+    monkeypatch.setenv("RANK", "1")
+
+    def assess(*args):
+        raise AssertionError("rank 1 must not evaluate")
+    assert mechanistic_study(_context(), model, tokenizer, "base/x", suites, assess, tmp_path) == ({}, [])
+    assert not any(tmp_path.iterdir())
 
 
 @pytest.mark.slow

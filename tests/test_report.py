@@ -62,3 +62,19 @@ def test_in_process_sweep_folders_are_rows_and_the_cli_reports(tmp_path, capsys)
     assert [r["job"] for r in collect(tmp_path)] == ["weight=0", "weight=0.2"]
     assert main([str(tmp_path)]) == 0 and (tmp_path / "report.md").exists()
     assert main([str(tmp_path / "missing")]) == 2
+
+
+def test_plots_take_wilson_bounds_a_rounding_error_inside_the_value(tmp_path):
+    """wilson_interval(30, 30) has the upper bound 1 − 1e-16 < 1: the error bar must not go negative."""
+    from safety_lab.eval.metrics import wilson_interval
+
+    low, high = wilson_interval(30, 30)
+    assert high < 1.0
+    for weight in (0.0, 1.0):
+        folder = tmp_path / f"weight={weight:g}"
+        folder.mkdir()
+        (folder / "metrics.json").write_text(json.dumps({
+            "fusion/weight": weight, "harmful/compliance_rate": 1.0, "harmful/compliance_rate_ci_low": low,
+            "harmful/compliance_rate_ci_high": high}))
+    write_report(tmp_path)
+    assert (tmp_path / "curves.png").read_bytes()[:4] == b"\x89PNG"

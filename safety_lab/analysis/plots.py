@@ -118,8 +118,8 @@ def refusal_direction(values: dict, out: Path) -> None:
     fig, axes = _grid(1, len(tags), 2.6)
     for c, tag in enumerate(tags):
         v, ax = values[tag], axes[0][c]
-        ax.plot([l["ablated_unsafe"] for l in v["layers"]], marker="o", label="unsafe, ablated")
-        ax.plot([l["added_safe"] for l in v["layers"]], marker="o", label="safe, added")
+        for key, label in (("ablated_unsafe", "unsafe, ablated"), ("added_safe", "safe, added")):
+            ax.plot([float("nan") if l[key] is None else l[key] for l in v["layers"]], marker="o", label=label)
         ax.axhline(v["baseline"]["unsafe"], color="C0", ls=":", label="unsafe, baseline")
         ax.axhline(v["baseline"]["safe"], color="C1", ls=":", label="safe, baseline")
         ax.set_title(tag, fontsize=8)
@@ -144,12 +144,11 @@ def jailbreak(values: dict, out: Path) -> None:
 
 
 def draw_all(results: dict, pca: dict, slices: dict, out: Path) -> None:
-    activation_pca(pca, slices, out)
-    activation_space(results["activation_space"], out)
-    if results["column_space"]:
-        column_space(results["column_space"], out)
-        row_space(results["row_space"], out)
-    lipschitz(results["lipschitz"], out)
-    soft_tokens(results["soft_tokens"], out)
-    refusal_direction(results["refusal_direction"], out)
-    jailbreak(results["jailbreak"], out)
+    """One PNG per analysis present in `results` (plus the PCA grid beside activation_space)."""
+    if pca:
+        activation_pca(pca, slices, out)
+    for name, draw in (("activation_space", activation_space), ("column_space", column_space),
+                       ("row_space", row_space), ("lipschitz", lipschitz), ("soft_tokens", soft_tokens),
+                       ("refusal_direction", refusal_direction), ("jailbreak", jailbreak)):
+        if name in results:
+            draw(results[name], out)

@@ -19,10 +19,12 @@ from safety_lab.analysis import geometry as g
 from safety_lab.analysis import plots
 from safety_lab.analysis.attacks import logit_gradient_norms, soft_token_attack
 from safety_lab.analysis.hooks import activations, decoder_layers, steer
+from safety_lab.distributed import is_rank_zero
 from safety_lab.errors import SafetyLabError
 
 log = logging.getLogger(__name__)
 MLP_INPUTS = ("gate_proj", "up_proj")
+ANALYSES = ("activation_space", "column_space", "row_space", "lipschitz", "soft_tokens", "refusal_direction")
 DIRECTION_LAYERS = 0.8  # Arditi et al. skip candidate directions from the last 20% of layers
 
 
@@ -49,6 +51,9 @@ class Study:
         for name in a.jailbreak_suites:
             if name not in suites:
                 raise SafetyLabError(f"analysis.jailbreak_suites: {name!r} is not one of the eval suites {sorted(suites)}")
+        for name in a.analyses:
+            if name not in ANALYSES:
+                raise SafetyLabError(f"analysis.analyses: {name!r} is not one of {list(ANALYSES)}")
         refusal = tokenizer(a.refusal, add_special_tokens=False)["input_ids"]
         if not refusal:
             raise SafetyLabError(f"analysis.refusal={a.refusal!r} tokenizes to nothing")
@@ -119,7 +124,8 @@ class Study:
                 for name, v in norms.items()}
 
     def soft_tokens(self, model) -> dict:
-        """Success of the attack vs number of soft tokens and steps, on harmful prompts the model refuses."""
+        """Success of the attack vs number of soft tokens and steps, on the first `attack.n` unsafe prompts of the
+        unsafe suite (success at step 0 is the model's compliance without an attack)."""
         a = self.cfg.attack
         probes = [p for p in self.suites[self.cfg.unsafe_suite] if p.unsafe][:a.n]
         prompts, targets = [p.prompt for p in probes], [p.target for p in probes]
@@ -134,7 +140,9 @@ class Study:
     # ---- refusal direction ------------------------------------------------------------------------------------
     def refusal_direction(self, model, resid: torch.Tensor, assess_steered) -> dict:
         """Difference of means of the residual stream per layer; refusal scores under ablation (unsafe prompts) and
-        addition (safe prompts); the selected direction's effect on generated refusals."""
+        addition (safe prompts); the selected direction's effect on generated refusals. A layer whose safe and unsafe
+        means coincide (layer 0, where every prompt ends in the same token) has no direction and no scores. Selection
+        as Arditi et al.: the lowest ablated score outside the last 20% of layers (any layer if none is left)."""
         safe, unsafe = self.slices[self.cfg.safe_suite], self.slices[self.cfg.unsafe_suite]
         labels = torch.cat([torch.zeros(safe.stop - safe.start), torch.ones(unsafe.stop - unsafe.start)]).bool()
         prompts = {"unsafe": [p.prompt for p in self.suites[self.cfg.unsafe_suite]],
@@ -149,14 +157,20 @@ class Study:
         for i, x in enumerate(resid):
             r = g.difference_of_means(torch.cat([x[safe], x[unsafe]]), labels)
             directions.append(r)
+            if r.norm() < 1e-6:
+                result["layers"].append({"norm": float(r.norm()), "ablated_unsafe": None, "added_safe": None})
+                continue
             with steer(model, r, "ablate"):
                 ablated = score("unsafe")
             with steer(model, r, "add", layer=i):
                 added = score("safe")
             result["layers"].append({"norm": float(r.norm()), "ablated_unsafe": ablated, "added_safe": added})
-        allowed = range(max(1, int(len(resid) * DIRECTION_LAYERS)))
-        best = min(allowed, key=lambda i: result["layers"][i]["ablated_unsafe"])
-        result["selected_layer"] = best
+        scored = [i for i, layer in enumerate(result["layers"]) if layer["ablated_unsafe"] is not None]
+        early = [i for i in scored if i < int(len(resid) * DIRECTION_LAYERS)]
+        result["selected_layer"] = best = min(early or scored, key=lambda i: result["layers"][i]["ablated_unsafe"],
+                                              default=None)
+        if best is None:
+            return result
         with steer(model, directions[best], "ablate"):
             result["ablated_generation"] = assess_steered(model, [self.cfg.unsafe_suite])
         with steer(model, directions[best], "add", layer=best):
@@ -166,8 +180,8 @@ class Study:
     # ---- everything -------------------------------------------------------------------------------------------
     def run(self, models: dict, assess, assess_steered) -> tuple[dict, list]:
         columns, generations = {}, []
-        results = {k: {} for k in ("activation_space", "column_space", "row_space", "lipschitz", "soft_tokens",
-                                   "refusal_direction", "jailbreak")}
+        chosen = set(self.cfg.analyses)
+        results = {k: {} for k in (*ANALYSES, "jailbreak")}
         pca = {}
         for tag, model in models.items():
             log.info("analysing %s", tag)
@@ -178,14 +192,19 @@ class Study:
             results["jailbreak"][tag][f"{self.cfg.unsafe_suite}/refusal_rate"] = columns[tag].get(
                 f"{self.cfg.unsafe_suite}/refusal_rate")
             acts, _ = self.acts(model)
-            results["activation_space"][tag] = self.activation_space(acts["mlp_hidden"])
-            pca[tag] = [g.pca_2d(x) for x in acts["mlp_hidden"]]
-            if tag != "base":
+            if "activation_space" in chosen:
+                results["activation_space"][tag] = self.activation_space(acts["mlp_hidden"])
+                pca[tag] = [g.pca_2d(x) for x in acts["mlp_hidden"]]
+            if tag != "base" and chosen & {"column_space", "row_space"}:
                 results["column_space"][tag], results["row_space"][tag] = self.weight_spaces(
                     model, models["base"], acts["mlp_in"])
-            results["lipschitz"][tag] = self.lipschitz(model)
-            results["soft_tokens"][tag] = self.soft_tokens(model)
-            results["refusal_direction"][tag] = self.refusal_direction(model, acts["resid"], assess_steered)
+            if "lipschitz" in chosen:
+                results["lipschitz"][tag] = self.lipschitz(model)
+            if "soft_tokens" in chosen:
+                results["soft_tokens"][tag] = self.soft_tokens(model)
+            if "refusal_direction" in chosen:
+                results["refusal_direction"][tag] = self.refusal_direction(model, acts["resid"], assess_steered)
+        results = {name: values for name, values in results.items() if values and name in chosen | {"jailbreak"}}
         results["findings"] = findings(results, self.ctx.cfg.analysis)
         for name, values in results.items():
             (self.out / f"{name}.json").write_text(json.dumps(values, indent=1))
@@ -197,6 +216,8 @@ def mechanistic_study(ctx, base, tokenizer, base_id: str, suites: dict, assess, 
     """Train the study's models, analyse each; returns (metrics per model tag, generation rows) for the run."""
     study = Study(ctx, tokenizer, suites, out)  # checks the suite names before anything trains
     models = train_models(ctx, base, tokenizer, base_id)
+    if not is_rank_zero():  # ranks > 0 train along with rank 0 (DDP/FSDP); the analyses are rank 0's alone
+        return {}, []
     return study.run(models, lambda model, tag: assess(model, tokenizer, tag),
                      lambda model, names: assess(model, tokenizer, "steered", names)[0])
 
@@ -206,25 +227,37 @@ def jailbreak_compliance(results: dict, tag: str, suites) -> float:
     return sum(values) / len(values)
 
 
+def attack_success(results: dict, tag: str) -> float:
+    """Soft-token attack success after the last step, averaged over the numbers of soft tokens."""
+    per_n = results["soft_tokens"][tag].values()
+    return sum(list(v["success"].values())[-1] for v in per_n) / len(per_n)
+
+
 def findings(results: dict, cfg) -> dict:
-    """The paper's claims, as checks on this run's numbers (per tuned model, or per method's pair of LRs)."""
-    tuned = [t for t in results["activation_space"] if t != "base"]
-    space = results["activation_space"]
-    base_silhouette = space["base"]["silhouette_mean"]
-    checks = {"silhouette_up": {t: {"base": base_silhouette, "tuned": space[t]["silhouette_mean"],
-                                    "holds": space[t]["silhouette_mean"] > base_silhouette} for t in tuned}}
+    """The paper's claims, as checks on this run's numbers (per tuned model, or per method's pair of LRs); a check
+    whose analysis did not run is left out."""
+    tuned = [t for t in results["jailbreak"] if t != "base"]
+    checks = {}
+    if "activation_space" in results:
+        space = results["activation_space"]
+        base_silhouette = space["base"]["silhouette_mean"]
+        checks["silhouette_up"] = {t: {"base": base_silhouette, "tuned": space[t]["silhouette_mean"],
+                                       "holds": space[t]["silhouette_mean"] > base_silhouette} for t in tuned}
 
-    def relative(tag: str, suite: str) -> float:
-        layers = space[tag]["layers"]
-        return sum(l["suites"][suite]["relative_l2"] for l in layers) / len(layers)
+        def relative(tag: str, suite: str) -> float:
+            layers = space[tag]["layers"]
+            return sum(l["suites"][suite]["relative_l2"] for l in layers) / len(layers)
 
-    checks["jailbreaks_closer_to_safe"] = {
-        t: {name: {"jailbreak": relative(t, name), cfg.unsafe_suite: relative(t, cfg.unsafe_suite),
-                   "holds": relative(t, name) < relative(t, cfg.unsafe_suite)} for name in cfg.jailbreak_suites}
-        for t in tuned}
-    checks["row_space_carries_unsafe"] = {t: {"unsafe_over_safe": results["row_space"][t]["unsafe_over_safe"],
-                                              "holds": results["row_space"][t]["unsafe_over_safe"] > 1}
-                                          for t in tuned}
+        checks["jailbreaks_closer_to_safe"] = {
+            t: {name: {"jailbreak": relative(t, name), cfg.unsafe_suite: relative(t, cfg.unsafe_suite),
+                       "holds": relative(t, name) < relative(t, cfg.unsafe_suite)} for name in cfg.jailbreak_suites}
+            for t in results["activation_space"]}
+    if "row_space" in results:
+        checks["row_space_carries_unsafe"] = {t: {"unsafe_over_safe": results["row_space"][t]["unsafe_over_safe"],
+                                                  "holds": results["row_space"][t]["unsafe_over_safe"] > 1}
+                                              for t in tuned}
+    if "column_space" not in results:
+        return checks
     by_method: dict[str, list[tuple[float, str]]] = {}
     for t in tuned:
         stage = cfg.models[t]
@@ -244,4 +277,8 @@ def findings(results: dict, cfg) -> dict:
             "mean_sine": sine, "relative_change": change, "jailbreak_compliance": jb,
             "changes_weights_less_holds": sine["low"] < sine["high"],
             "easier_to_jailbreak_holds": jb["low"] > jb["high"]}
+        if "soft_tokens" in results:
+            attack = {"low": attack_success(results, low), "high": attack_success(results, high)}
+            checks["smaller_lr"][method] |= {"soft_token_success": attack,
+                                             "easier_to_attack_holds": attack["low"] > attack["high"]}
     return checks
