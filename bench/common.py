@@ -16,6 +16,8 @@ import time
 from pathlib import Path
 from typing import Callable
 
+import torch
+
 RESULTS = Path(__file__).with_name("results.json")
 README = Path(__file__).with_name("README.md")
 TABLE_START, TABLE_END = "<!-- results:start -->", "<!-- results:end -->"
@@ -66,7 +68,7 @@ def record(name: str, value: float, baseline: float, unit: str, target: float | 
              "command": command, "note": note,
              "peak_rss_mib": round(rss[0], 1) if rss else None,
              "baseline_peak_rss_mib": round(rss[1], 1) if rss else None,
-             "load_avg_1m": round(os.getloadavg()[0], 1), "cpus": os.cpu_count()}
+             "load_avg_1m": round(os.getloadavg()[0], 1), "cpus": os.cpu_count(), "threads": torch.get_num_threads()}
     entries = [e for e in (json.loads(RESULTS.read_text()) if RESULTS.exists() else []) if e["name"] != name]
     entries.append(entry)
     RESULTS.write_text(json.dumps(entries, indent=2) + "\n")
@@ -77,23 +79,22 @@ def record(name: str, value: float, baseline: float, unit: str, target: float | 
 
 
 def _write_table(entries: list[dict]) -> None:
-    import torch
     import transformers
 
     rows = ["| benchmark | value | baseline | ratio | target | met | peak RSS MiB (value / baseline) | load "
-            "| command |",
-            "|---|---|---|---|---|---|---|---|---|"]
+            "| threads | command |",
+            "|---|---|---|---|---|---|---|---|---|---|"]
     for e in entries:
         t = e["target"]
         ok = "–" if t is None else ("yes" if (e["ratio"] >= t if e["higher_is_better"] else e["ratio"] <= t) else "**no**")
         bound = "–" if t is None else (f"≥ {t}" if e["higher_is_better"] else f"≤ {t}")
         rss = "–" if e.get("peak_rss_mib") is None else f"{e['peak_rss_mib']:.0f} / {e['baseline_peak_rss_mib']:.0f}"
         rows.append(f"| {e['name']} | {e['value']:.4g} {e['unit']} | {e['baseline']:.4g} {e['unit']} | {e['ratio']} | "
-                    f"{bound} | {ok} | {rss} | {e.get('load_avg_1m', '–')} | `{e['command']}` |")
+                    f"{bound} | {ok} | {rss} | {e.get('load_avg_1m', '–')} | {e.get('threads', '–')} | "
+                    f"`{e['command']}` |")
     machine = (f"Machine: {platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}, "
-               f"torch {torch.__version__} ({torch.get_num_threads()} threads by default), "
-               f"transformers {transformers.__version__}."
-               " *load*: the 1-minute load average when the figure was recorded (the machine is shared).")
+               f"torch {torch.__version__}, transformers {transformers.__version__}. *load*: the 1-minute load "
+               "average when the figure was recorded (the machine is shared); *threads*: torch intra-op threads.")
     block = f"{TABLE_START}\n{machine}\n\n" + "\n".join(rows) + f"\n{TABLE_END}"
     text = README.read_text() if README.exists() else "# Benchmarks\n\n" + TABLE_START + TABLE_END + "\n"
     if TABLE_START not in text:

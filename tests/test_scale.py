@@ -69,13 +69,14 @@ def test_resume_skips_what_was_consumed():
 
 
 # ---- in-process: batch 8 × accumulation 1 ≡ batch 1 × accumulation 8 -------------------------------------------
-def fit_tiny(tmp_path: Path, batch_size: int, accumulation: int) -> tuple[torch.nn.Module, TokenizedExamples]:
+def fit_tiny(tmp_path: Path, batch_size: int, accumulation: int,
+             checkpointing: bool = False) -> tuple[torch.nn.Module, TokenizedExamples]:
     tokenizer = build_tiny_tokenizer()
     examples = [Example(SENTENCES[i], SENTENCES[i + 1]) for i in range(0, 32, 2)]  # 16 rows of unequal length
     data = TokenizedExamples(examples, tokenizer, max_length=64)
     cfg = OmegaConf.create({
         "trainer": {"_target_": "lightning.pytorch.Trainer", "accelerator": "cpu", "precision": "32-true",
-                    "gradient_clip_val": 1.0, "accumulate_grad_batches": accumulation, "enable_checkpointing": False,
+                    "gradient_clip_val": 1.0, "accumulate_grad_batches": accumulation, "enable_checkpointing": checkpointing,
                     "enable_progress_bar": False, "enable_model_summary": False, "log_every_n_steps": 1},
         "strategy": {"strategy": "auto", "devices": 1, "num_nodes": 1},
         "logger": {"_target_": "lightning.pytorch.loggers.CSVLogger", "save_dir": str(tmp_path), "name": "logs"},
@@ -101,6 +102,11 @@ def test_batch_8_equals_batch_1_with_accumulation_8(tmp_path):
     assert abs(loss_big - loss_small) / loss_big < 1e-3
     drift = max((a - b).abs().max().item() for a, b in zip(big.parameters(), small.parameters()))
     assert drift < 1e-4
+
+
+def test_a_fit_outside_a_store_build_writes_no_checkpoint(tmp_path):
+    fit_tiny(tmp_path, 8, 1, checkpointing=True)  # nothing would ever resume from Lightning's default checkpoint
+    assert list(tmp_path.rglob("metrics.csv")) and not list(tmp_path.rglob("*.ckpt"))
 
 
 # ---- FSDP wrapping rule ----------------------------------------------------------------------------------------
