@@ -85,6 +85,9 @@ def write_tables(rows: list[dict], folder: Path) -> tuple[Path, Path]:
         writer.writeheader()
         writer.writerows(rows)
     shown = [k for k in keys if not k.endswith(("_ci_low", "_ci_high", "/n"))]
+    ok = [r for r in rows if r["status"] == "ok"]  # columns equal in every job (e.g. `base.*`) go below the table
+    same = [k for k in shown if len(ok) > 1 and len({_cell(r, k) for r in ok}) == 1]
+    shown = [k for k in shown if k not in same]
     weighted = any(WEIGHT in r for r in rows)
     header = ["job", "status", *(["λ"] if weighted else []), "overrides", *shown]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -93,6 +96,8 @@ def write_tables(rows: list[dict], folder: Path) -> tuple[Path, Path]:
         weight = [f"{r[WEIGHT]:g}" if WEIGHT in r else ""] if weighted else []
         lines.append("| " + " | ".join([r["job"], status, *weight, f"`{r['overrides']}`" if r["overrides"] else "",
                                         *(_cell(r, k) for k in shown)]) + " |")
+    if same:
+        lines += ["", "Same in every successful job: " + "; ".join(f"{k} {_cell(ok[0], k)}" for k in same) + "."]
     (folder / "report.md").write_text("\n".join(lines) + "\n")
     return folder / "report.csv", folder / "report.md"
 

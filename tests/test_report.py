@@ -48,6 +48,8 @@ def test_report_tables_and_plots(tmp_path):
     cells = [c.strip() for c in md[3].strip("|").split("|")]
     assert cells[2] == "0.5" and cells[header.index("harmful/compliance_rate")] == "0.450 [0.40, 0.50]"
     assert "**FAILED**" in md[5] and "1.5" in md[5]
+    assert "base.harmful/compliance_rate" not in header  # equal in every job: stated once below the table
+    assert md[-1] == "Same in every successful job: base.harmful/compliance_rate 0.100."
 
     for png in ("curves.png", "pareto.png"):
         data = (tmp_path / png).read_bytes()
