@@ -1,4 +1,5 @@
-"""Shared fixtures: a tiny real Hugging Face causal LM built offline, for tests of the real-model code path.
+"""Shared fixtures: the default synthetic world and its tokenizer, and a tiny real Hugging Face causal LM built
+offline, for tests of the real-model code path.
 
 Nothing here touches the network: the tokenizer is trained with `tokenizers` on a few dozen sentences, the model
 is a randomly initialised two-layer `LlamaForCausalLM`, and both are saved with `save_pretrained` exactly like a
@@ -11,8 +12,21 @@ import os
 import pytest
 import torch
 
+from safety_lab.worlds.synthetic.tokenizer import build_tokenizer
+from safety_lab.worlds.synthetic.world import World
+
 if os.environ.get("PYTEST_XDIST_WORKER"):  # two workers on two cores: one thread each, no oversubscription
     torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session")
+def world() -> World:
+    return World()  # 16 letters, 2 languages, 8 operators: f1 f2 unsafe, f3 f4 f5 conditional, f0 f6 f7 safe
+
+
+@pytest.fixture(scope="session")
+def tokenizer(world):
+    return build_tokenizer(world)
 
 SENTENCES = [
     "the quick brown fox jumps over the lazy dog",

@@ -14,8 +14,6 @@ from safety_lab.eval.judges import ExactJudge, Judgement, KeywordJudge, build_ju
 from safety_lab.eval.metrics import suite_metrics, wilson_interval
 from safety_lab.models.factory import load_pretrained
 from safety_lab.worlds.synthetic import views
-from safety_lab.worlds.synthetic.tokenizer import build_tokenizer
-from safety_lab.worlds.synthetic.world import World
 
 
 # ---- metrics --------------------------------------------------------------------------------------------------
@@ -162,16 +160,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def world() -> World:
-    return World()
-
-
-@pytest.fixture(scope="module")
-def tokenizer(world):
-    return build_tokenizer(world)
 
 
 @pytest.fixture(scope="module")

@@ -20,20 +20,8 @@ from safety_lab.methods.sft import SFTModule, warmup_cosine
 from safety_lab.models.factory import load_pretrained, tiny_llama
 from safety_lab.models.lora import attach_lora
 from safety_lab.worlds.synthetic import views
-from safety_lab.worlds.synthetic.tokenizer import build_tokenizer
-from safety_lab.worlds.synthetic.world import World
 
 log = math.log
-
-
-@pytest.fixture(scope="module")
-def world() -> World:
-    return World()
-
-
-@pytest.fixture(scope="module")
-def tokenizer(world):
-    return build_tokenizer(world)
 
 
 # ---- the loss -------------------------------------------------------------------------------------------------

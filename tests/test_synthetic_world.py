@@ -12,11 +12,6 @@ from safety_lab.worlds.synthetic.tokenizer import build_tokenizer
 from safety_lab.worlds.synthetic.world import AFFIRM, BOS, NULL_OP, OBEY, REFUSAL, SEP, UNK, Task, World, WorldSpec
 
 
-@pytest.fixture(scope="module")
-def world() -> World:
-    return World()  # 16 letters, 2 languages, 8 operators: f1 f2 unsafe, f3 f4 f5 conditional, f0 f6 f7 safe
-
-
 def parse(world: World, prompt: str, lang: int = 0) -> Task:
     """Recover the task behind a formatted prompt (`[obey] ops text =`)."""
     words = prompt.split()
