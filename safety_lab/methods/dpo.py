@@ -153,14 +153,26 @@ def policy_and_reference(ctx, model, m, data, needs_reference: bool):
     return policy, reference
 
 
-class DPO(Method):
-    name = "dpo"
+class PairMethod(Method):
+    """A method trained on preference pairs through `objective(cfg)`; `needs_reference(cfg)` says whether the
+    objective reads reference log-probs (then computed once and cached)."""
+
+    def objective(self, cfg) -> Objective:
+        raise NotImplementedError
+
+    def needs_reference(self, cfg) -> bool:
+        return True
 
     def check(self, method_cfg) -> None:
-        dpo_objective(method_cfg)
+        self.objective(method_cfg)
 
     def train(self, ctx, model, tokenizer, method_cfg, dataset_cfg):
-        objective = dpo_objective(method_cfg)
+        objective = self.objective(method_cfg)
         data = preference_data(ctx, method_cfg, dataset_cfg, tokenizer)
-        policy, reference = policy_and_reference(ctx, model, method_cfg, data, needs_reference=True)
+        policy, reference = policy_and_reference(ctx, model, method_cfg, data, self.needs_reference(method_cfg))
         return policy, fit_pairs(ctx, self.name, policy, objective, reference, data, method_cfg)
+
+
+class DPO(PairMethod):
+    name = "dpo"
+    objective = staticmethod(dpo_objective)

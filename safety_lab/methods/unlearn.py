@@ -7,8 +7,7 @@ NPO against cached reference log-probs (`npo`). Batching, the LoRA policy and th
 from __future__ import annotations
 
 from safety_lab.errors import SafetyLabError
-from safety_lab.methods import Method
-from safety_lab.methods.dpo import check_logp_settings, fit_pairs, policy_and_reference, preference_data
+from safety_lab.methods.dpo import PairMethod, check_logp_settings
 from safety_lab.methods.losses import ascent_term, normalise_logps, npo_term, unlearning_loss
 
 
@@ -32,15 +31,9 @@ def unlearn_objective(cfg):
     return objective
 
 
-class Unlearn(Method):
+class Unlearn(PairMethod):
     name = "unlearn"
+    objective = staticmethod(unlearn_objective)
 
-    def check(self, method_cfg) -> None:
-        unlearn_objective(method_cfg)
-
-    def train(self, ctx, model, tokenizer, method_cfg, dataset_cfg):
-        objective = unlearn_objective(method_cfg)
-        data = preference_data(ctx, method_cfg, dataset_cfg, tokenizer)
-        policy, reference = policy_and_reference(ctx, model, method_cfg, data,
-                                                 needs_reference=method_cfg.loss == "npo")
-        return policy, fit_pairs(ctx, self.name, policy, objective, reference, data, method_cfg)
+    def needs_reference(self, cfg) -> bool:
+        return cfg.loss == "npo"  # only NPO compares with the reference
