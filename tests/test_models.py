@@ -14,7 +14,7 @@ from transformers import AutoTokenizer, LlamaForCausalLM
 
 from safety_lab.errors import SafetyLabError
 from safety_lab.models.factory import load_pretrained, save_pretrained, tiny_llama
-from safety_lab.models.lora import attach_lora, load_adapter, save_adapter
+from safety_lab.models.lora import attach_lora, load_adapter, save_adapter, trainable
 from safety_lab.worlds.synthetic.tokenizer import build_tokenizer
 from safety_lab.worlds.synthetic.world import World
 
@@ -142,6 +142,16 @@ def test_attach_lora_trains_only_the_adapter(tiny_hf_model):
     base, tokenizer = load_pretrained(tiny_hf_model)
     ids = torch.tensor([tokenizer("what is two plus two")["input_ids"]])
     torch.testing.assert_close(logits_of(peft_model, ids), logits_of(base, ids), atol=0, rtol=0)
+
+
+def test_full_fine_tuning_unfreezes_a_merged_model(tiny_hf_model):
+    """A model whose earlier stage was merged (peft leaves its weights frozen) trains in full with lora=None."""
+    model, _ = load_pretrained(tiny_hf_model)
+    model.requires_grad_(False)
+    tuned = trainable(model, None)
+    assert tuned is model and all(p.requires_grad for p in tuned.parameters())
+    adapted = trainable(load_pretrained(tiny_hf_model)[0], {"r": 4, "alpha": 8})
+    assert sum(p.numel() for p in adapted.parameters() if p.requires_grad) == 4352  # the adapter only, as above
 
 
 def test_adapter_save_load_reproduces_logits(tiny_hf_model, tmp_path):

@@ -24,7 +24,7 @@ from safety_lab.errors import SafetyLabError
 from safety_lab.methods import Method
 from safety_lab.methods.losses import dpo_loss, normalise_logps, sequence_logps
 from safety_lab.methods.sft import SFTModule
-from safety_lab.models.lora import attach_lora
+from safety_lab.models.lora import trainable
 
 log = logging.getLogger(__name__)
 REF_FILE = "ref_logps.safetensors"
@@ -136,7 +136,7 @@ def fit_pairs(ctx, stage: str, policy, objective: Objective, reference, data, m)
 def policy_and_reference(ctx, model, m, data, needs_reference: bool):
     """(policy: the model with a fresh LoRA adapter, or the model itself; cached reference log-probs or None)."""
     reference_id = weights_hash(dict(model.named_parameters())) if needs_reference else None
-    policy = attach_lora(model, **ctx.plain(m.lora)) if m.lora else model
+    policy = trainable(model, ctx.plain(m.lora))
     disable_dropout(policy)
     if not needs_reference:
         return policy, None

@@ -15,7 +15,7 @@ import torch
 from safety_lab.data.collate import IGNORE, TokenizedExamples
 from safety_lab.methods import Method
 from safety_lab.methods.losses import token_cross_entropy
-from safety_lab.models.lora import attach_lora
+from safety_lab.models.lora import trainable
 from safety_lab.models.sharding import shard
 
 
@@ -63,7 +63,7 @@ class SFT(Method):
         m = method_cfg
         data = TokenizedExamples(ctx.examples(dataset_cfg), tokenizer, ctx.template, ctx.cfg.model.max_length,
                                  m.train_on_prompt)
-        tuned = attach_lora(model, **ctx.plain(m.lora)) if m.lora else model
+        tuned = trainable(model, ctx.plain(m.lora))
         module = SFTModule(tuned, lr=m.lr, weight_decay=m.weight_decay, warmup_ratio=m.warmup_ratio,
                            min_lr_ratio=m.min_lr_ratio)
         return tuned, ctx.fit(self.name, module, data, m.batch_size, m.epochs, ctx.cfg.seed)
