@@ -53,6 +53,7 @@ class ScriptedJudgeAPI:
                     fault = api.faults.pop(0) if api.faults else None
                     api.in_flight += 1
                     api.max_in_flight = max(api.max_in_flight, api.in_flight)
+                    self.counted = 1  # per request: a kept-alive connection reuses this handler
                 try:
                     time.sleep(api.delay)
                     content = body["messages"][0]["content"]
@@ -68,10 +69,17 @@ class ScriptedJudgeAPI:
                     self.reply(200, {"choices": [{"message": {"role": "assistant", "content": answer}}],
                                      "usage": {"prompt_tokens": len(content.split()), "completion_tokens": 3}})
                 finally:
-                    with api.lock:
-                        api.in_flight -= 1
+                    self.leave()
+
+            def leave(self):
+                """No longer in flight: called before the reply goes out, since the client may send its next
+                request as soon as it has read this one."""
+                with api.lock:
+                    api.in_flight -= self.counted
+                    self.counted = 0
 
             def reply(self, status: int, payload, headers=None):
+                self.leave()
                 data = b"{not json" if payload is None else json.dumps(payload).encode()
                 try:
                     self.send_response(status)
