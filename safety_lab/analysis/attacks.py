@@ -14,15 +14,14 @@ import torch
 from safety_lab.analysis.hooks import encode
 from safety_lab.data.collate import tokenize_prompts, tokenize_responses
 from safety_lab.data.template import PromptTemplate
+from safety_lab.models.factory import eval_mode
 
 
 def logit_gradient_norms(model, tokenizer, template: PromptTemplate, prompts: list[str],
                          batch_size: int = 128) -> torch.Tensor:
     """[n] gradient norms of the top next-token logit at each prompt's first output position."""
-    was_training = model.training
-    model.eval()
     norms = []
-    try:
+    with eval_mode(model):
         for start in range(0, len(prompts), batch_size):
             batch = encode(tokenizer, template, prompts[start:start + batch_size])
             mask = batch["attention_mask"].to(model.device)
@@ -31,8 +30,6 @@ def logit_gradient_norms(model, tokenizer, template: PromptTemplate, prompts: li
             top = logits[torch.arange(len(mask)), batch["last"]].max(-1).values
             (grad,) = torch.autograd.grad(top.sum(), embeds)  # rows are independent: one backward for all
             norms.append((grad * mask[..., None]).flatten(1).norm(dim=1).detach().cpu())
-    finally:
-        model.train(was_training)
     return torch.cat(norms)
 
 
@@ -80,8 +77,7 @@ def soft_token_attack(model, tokenizer, template: PromptTemplate, prompts: list[
     delta.requires_grad_()
     step_size = 2 * bound / max(steps, 1)
     valid = labels != -100
-    was_training, trainable = model.training, [p.requires_grad for p in model.parameters()]
-    model.eval()
+    trainable = [p.requires_grad for p in model.parameters()]
     model.requires_grad_(False)
 
     def forward():
@@ -93,20 +89,20 @@ def soft_token_attack(model, tokenizer, template: PromptTemplate, prompts: list[
         return per_row, success
 
     success_at = {}
-    try:
-        for step in range(steps + 1):
-            per_row, success = forward()
-            if step == 0 or step in report_at or step == steps:
-                success_at[step] = float(success.float().mean())
-            if step == steps:
-                break
-            (grad,) = torch.autograd.grad(per_row.sum(), delta)  # one δ per prompt: the sum separates them
-            with torch.no_grad():
-                delta -= step_size * grad / grad.norm(dim=-1, keepdim=True).clamp(min=1e-12)
-                delta *= (bound / delta.norm(dim=-1, keepdim=True).clamp(min=1e-12)).clamp(max=1.0)
-    finally:
-        for p, flag in zip(model.parameters(), trainable):
-            p.requires_grad_(flag)
-        model.train(was_training)
+    with eval_mode(model):
+        try:
+            for step in range(steps + 1):
+                per_row, success = forward()
+                if step == 0 or step in report_at or step == steps:
+                    success_at[step] = float(success.float().mean())
+                if step == steps:
+                    break
+                (grad,) = torch.autograd.grad(per_row.sum(), delta)  # one δ per prompt: the sum separates them
+                with torch.no_grad():
+                    delta -= step_size * grad / grad.norm(dim=-1, keepdim=True).clamp(min=1e-12)
+                    delta *= (bound / delta.norm(dim=-1, keepdim=True).clamp(min=1e-12)).clamp(max=1.0)
+        finally:
+            for p, flag in zip(model.parameters(), trainable):
+                p.requires_grad_(flag)
     return {"n_tokens": n_tokens, "steps": steps, "bound": bound, "success": success_at,
             "loss": float(per_row.detach().mean()), "soft_tokens": delta.detach().cpu()}

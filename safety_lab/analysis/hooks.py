@@ -16,6 +16,7 @@ from safety_lab.analysis.geometry import ablate
 from safety_lab.data.collate import pad_right, tokenize_prompts
 from safety_lab.data.template import PromptTemplate
 from safety_lab.errors import SafetyLabError
+from safety_lab.models.factory import eval_mode
 
 SITES = ("resid", "mlp_in", "mlp_hidden")
 
@@ -52,22 +53,20 @@ def activations(model, tokenizer, template: PromptTemplate, prompts: list[str], 
         layer.register_forward_pre_hook(recorder("resid", i)),
         layer.mlp.register_forward_pre_hook(recorder("mlp_in", i)),
         layer.mlp.down_proj.register_forward_pre_hook(recorder("mlp_hidden", i)))]
-    was_training = model.training
-    model.eval()
     logits = []
     try:
-        for start in range(0, len(prompts), batch_size):
-            batch = encode(tokenizer, template, prompts[start:start + batch_size])
-            out = model(input_ids=batch["input_ids"].to(model.device),
-                        attention_mask=batch["attention_mask"].to(model.device))
-            at = torch.arange(len(batch["last"]))
-            logits.append(out.logits[at, batch["last"]].float().cpu())
-            for (site, i), value in captured.items():
-                rows[site][i].append(value[at, batch["last"]].float().cpu())
+        with eval_mode(model):
+            for start in range(0, len(prompts), batch_size):
+                batch = encode(tokenizer, template, prompts[start:start + batch_size])
+                out = model(input_ids=batch["input_ids"].to(model.device),
+                            attention_mask=batch["attention_mask"].to(model.device))
+                at = torch.arange(len(batch["last"]))
+                logits.append(out.logits[at, batch["last"]].float().cpu())
+                for (site, i), value in captured.items():
+                    rows[site][i].append(value[at, batch["last"]].float().cpu())
     finally:
         for h in handles:
             h.remove()
-        model.train(was_training)
     return {site: torch.stack([torch.cat(per_layer) for per_layer in rows[site]]) for site in SITES}, torch.cat(logits)
 
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 from tqdm.auto import tqdm
 
+from safety_lab.models.factory import eval_mode
+
 
 def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int = 64,
              progress: bool = True, add_special_tokens: bool = True) -> list[str]:
@@ -21,11 +23,9 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_si
     lengths = [len(ids) for ids in tokenizer(prompts, add_special_tokens=add_special_tokens)["input_ids"]]
     order = sorted(range(len(prompts)), key=lengths.__getitem__)
     responses: list[str] = [""] * len(prompts)
-    was_training, side = model.training, tokenizer.padding_side
-    model.eval()
-    tokenizer.padding_side = "left"
+    side, tokenizer.padding_side = tokenizer.padding_side, "left"
     try:
-        with torch.inference_mode():
+        with eval_mode(model), torch.inference_mode():
             for start in tqdm(range(0, len(order), batch_size), desc="generate", disable=not progress):
                 batch = order[start:start + batch_size]
                 inputs = tokenizer([prompts[i] for i in batch], return_tensors="pt", padding=True,
@@ -38,5 +38,4 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_si
                     responses[i] = text.strip()
     finally:
         tokenizer.padding_side = side
-        model.train(was_training)
     return responses

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 
 from safety_lab.errors import SafetyLabError
+from safety_lab.models.factory import eval_mode
 
 log = logging.getLogger(__name__)
 
@@ -37,9 +38,7 @@ def lm_eval_utility(model, tokenizer, tasks: list, include_path: str | None = No
         from lm_eval.tasks import TaskManager
     except ImportError as e:
         raise SafetyLabError("eval.lm_eval needs lm-evaluation-harness: `make install-real`") from e
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
         manager = TaskManager(include_path=include_path, include_defaults=include_path is None)
         unknown = [t for t in tasks if isinstance(t, str) and t not in manager.all_tasks]
@@ -50,6 +49,4 @@ def lm_eval_utility(model, tokenizer, tasks: list, include_path: str | None = No
                               bootstrap_iters=0, log_samples=False, apply_chat_template=apply_chat_template,
                               random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed,
                               fewshot_random_seed=seed)
-    finally:
-        model.train(was_training)
     return flatten_results(out["results"])

@@ -24,6 +24,7 @@ from safety_lab.errors import SafetyLabError
 from safety_lab.methods import Method
 from safety_lab.methods.losses import dpo_loss, normalise_logps, sequence_logps
 from safety_lab.methods.sft import SFTModule
+from safety_lab.models.factory import eval_mode
 from safety_lab.models.lora import trainable
 
 log = logging.getLogger(__name__)
@@ -146,10 +147,8 @@ def policy_and_reference(ctx, model, m, data, needs_reference: bool):
         with adapter_off():
             return policy(input_ids=input_ids, attention_mask=attention_mask).logits
 
-    was_training = policy.training
-    policy.eval()
-    reference = reference_logps(ctx, forward, data, reference_id, m.ref_batch_size)
-    policy.train(was_training)
+    with eval_mode(policy):
+        reference = reference_logps(ctx, forward, data, reference_id, m.ref_batch_size)
     return policy, reference
 
 
