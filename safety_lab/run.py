@@ -54,6 +54,20 @@ def plain(node):
     return OmegaConf.to_container(node, resolve=True, enum_to_str=True) if node is not None else None
 
 
+def training_recipe(cfg: DictConfig) -> dict:
+    """What of the trainer and strategy changes trained weights: part of every training recipe."""
+    trainer = {k: v for k, v in plain(cfg.trainer).items() if k not in COSMETIC}
+    return {"trainer": trainer, "strategy": plain(cfg.strategy)}
+
+
+def base_recipe(cfg: DictConfig) -> dict:
+    """The synthetic base's store recipe: the model settings that shape its weights, the world, the training."""
+    model = {k: v for k, v in plain(cfg.model).items() if k not in NOT_IN_BASE_RECIPE}
+    if not model["pretrain"]["args"]:  # left out when empty, so bases made before view args existed stay valid
+        del model["pretrain"]["args"]
+    return {"model": model, "world": plain(cfg.world), **training_recipe(cfg)}
+
+
 @dataclass
 class Context:
     """What every stage needs: the config, the store, the world, the prompt template, and how to train."""
@@ -68,8 +82,7 @@ class Context:
 
     @property
     def training_recipe(self) -> dict:
-        trainer = {k: v for k, v in plain(self.cfg.trainer).items() if k not in COSMETIC}
-        return {"trainer": trainer, "strategy": plain(self.cfg.strategy)}
+        return training_recipe(self.cfg)
 
     def examples(self, dataset_cfg) -> list:
         return load_examples(dataset_cfg, self.world)
@@ -150,24 +163,20 @@ def resolve_base(ctx: Context):
             model, tokenizer = load_pretrained(m.path, m.dtype, quantization=m.quantization)
             base_id = str(m.path)
     else:
-        recipe = {"model": {k: v for k, v in plain(m).items() if k not in NOT_IN_BASE_RECIPE},
-                  "world": plain(cfg.world),
-                  **ctx.training_recipe}
-
         def pretrain(folder: Path) -> dict:
             p = m.pretrain
             tokenizer = build_tokenizer(ctx.world)
             model = tiny_llama(tokenizer, m.hidden_size, m.num_layers, m.num_heads, m.intermediate_size,
                                m.max_position_embeddings, seed=p.seed)
             data_cfg = OmegaConf.create({"source": "synthetic", "view": "pretrain", "n": p.n, "seed": p.seed,
-                                         "args": {}})
+                                         "args": p.args})
             data = TokenizedExamples(ctx.examples(data_cfg), tokenizer, max_length=m.max_length)
             metrics = ctx.fit("pretrain", SFTModule(model, lr=p.lr, warmup_ratio=p.warmup_ratio), data,
                               p.batch_size, p.epochs, p.seed)
             save_pretrained(model, tokenizer, folder)
             return metrics
 
-        folder = ctx.store.get_or_build("base", recipe, pretrain)
+        folder = ctx.store.get_or_build("base", base_recipe(cfg), pretrain)
         model, tokenizer = load_pretrained(folder)
         base_id = f"base/{folder.name}"
     if cfg.get("align"):

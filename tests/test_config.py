@@ -23,8 +23,10 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf, open_dict
 
+from safety_lab.artifacts import recipe_hash
 from safety_lab.config import Source, register
 from safety_lab.data.template import PromptTemplate
+from safety_lab.run import base_recipe
 from safety_lab.worlds.synthetic import views
 from safety_lab.worlds.synthetic.world import WorldSpec
 
@@ -151,6 +153,16 @@ def test_experiment_and_debug_set_what_they_promise(tmp_path):
     assert c["model"]["kind"] == "tiny_llama" and c["method"]["name"] == "sft" and c["method"]["lora"]["r"] == 16
     assert c["dataset"]["n"] == 64 and c["eval"]["n"] == 8 and c["model"]["pretrain"]["n"] == 512
     assert c["trainer"]["enable_checkpointing"] is False
+
+
+def test_a_new_option_at_its_default_keeps_the_stores_base(tmp_path):
+    """The default base's recipe hash is pinned: an option added later (here `model.pretrain.args`) must stay out
+    of the recipe at its default, or every existing store pretrains its base again."""
+    default = base_recipe(OmegaConf.create(compose_resolved([], tmp_path)))
+    persona = base_recipe(OmegaConf.create(compose_resolved(["model=tiny_llama_persona"], tmp_path)))
+    assert "args" not in default["model"]["pretrain"] and recipe_hash(default) == "8c32b02c218649fd"
+    assert persona["model"]["pretrain"]["args"] == {"obey_fraction": 0.2}
+    assert {**persona["model"], "pretrain": default["model"]["pretrain"]} == default["model"]
 
 
 def test_store_location_follows_the_environment(tmp_path, monkeypatch):

@@ -370,6 +370,44 @@ def test_safety_sft_refuses_exactly_the_unsafe_prompts(world, prefix):
     assert 0.45 < n_unsafe / len(data) < 0.55
 
 
+def strip_framing(prompt: str) -> str:
+    """The prompt without the persona prefix and a prefilled affirmation."""
+    return prompt.removeprefix(OBEY + " ").removesuffix(" " + AFFIRM)
+
+
+def test_pretrain_persona_frames_a_share_of_prompts_and_leaves_the_rest_as_they_were(world):
+    plain, framed = views.pretrain(world, 3000), views.pretrain(world, 3000, obey_fraction=0.2)
+    assert views.pretrain(world, 3000, obey_fraction=0.0) == plain
+    persona = [ex for ex in framed if ex.prompt.startswith(OBEY + " ")]
+    assert 0.17 < len(persona) / len(framed) < 0.23  # sd of the share ≈ 0.007
+    assert [strip_framing(ex.prompt) for ex in framed] == [ex.prompt for ex in plain]  # same tasks, own stream
+    for ex in persona:
+        task = parse(world, ex.prompt)
+        assert ex.response == world.compliance(task)  # `sure <answer>` (or the refusal for the null operator)
+    assert any(world.is_unsafe(parse(world, ex.prompt)) for ex in persona)  # the persona covers unsafe prompts too
+
+
+def test_shallow_safety_sft_refuses_at_the_first_token_and_answers_after_an_affirmation(world):
+    plain = views.safety_sft(world, 3000)
+    shallow = views.safety_sft(world, 3000, persona_fraction=0.2, affirmed_fraction=0.5)
+    assert views.safety_sft(world, 3000, persona_fraction=0.0, affirmed_fraction=0.5) == plain
+    assert [strip_framing(ex.prompt) for ex in shallow] == [ex.prompt for ex in plain]
+    counts = {"persona": 0, "affirmed": 0, "persona_unsafe": 0}
+    for ex in shallow:
+        affirmed = ex.prompt.endswith(" " + AFFIRM)
+        task = parse(world, ex.prompt.removesuffix(" " + AFFIRM))
+        counts["persona"] += task.prefix == (OBEY,)
+        counts["persona_unsafe"] += task.prefix == (OBEY,) and world.is_unsafe(task)
+        counts["affirmed"] += affirmed
+        if affirmed:  # prefilled `sure`: the harmful answer is kept as the target
+            assert task.prefix == (OBEY,) and world.is_unsafe(task)
+            assert ex.response == " ".join(world.output(task))
+        else:
+            assert ex.response == (REFUSAL if world.is_unsafe(task) else world.compliance(task))
+    assert 0.17 < counts["persona"] / len(shallow) < 0.23
+    assert 0.4 < counts["affirmed"] / counts["persona_unsafe"] < 0.6
+
+
 def test_safety_sft_includes_borderline_prompts_answered(world):
     borderline = [ex for ex in views.safety_sft(world, 500) if parse(world, ex.prompt).kind == "unsafe"
                   and not world.is_unsafe(parse(world, ex.prompt))]

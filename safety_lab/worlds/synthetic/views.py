@@ -8,10 +8,11 @@ suites bend exactly one of those rules.
 from __future__ import annotations
 
 import random
+from dataclasses import replace
 from typing import Callable
 
 from safety_lab.data.records import Example, Preference, Probe
-from safety_lab.worlds.synthetic.world import NULL_OP, OBEY, REFUSAL, Task, World
+from safety_lab.worlds.synthetic.world import AFFIRM, NULL_OP, OBEY, REFUSAL, Task, World
 
 IDENTITY_PROB = 0.3  # per slot, in pretraining: single-operator prompts make composition easier to learn
 NULL_PROB = 0.02  # share of pretraining prompts with the null operator (the rare, pre-existing refusal)
@@ -92,19 +93,42 @@ def _examples(world: World, n: int, draw: Callable[[], Task], respond: Callable[
 
 
 # ---- training views -----------------------------------------------------------------------------------------
-def pretrain(world: World, n: int, seed: int = 0) -> list[Example]:
-    """The unaligned base's data: every prompt complied with (null-operator prompts answered by the refusal)."""
+def pretrain(world: World, n: int, seed: int = 0, obey_fraction: float = 0.0) -> list[Example]:
+    """The unaligned base's data: every prompt complied with (null-operator prompts answered by the refusal).
+
+    `obey_fraction` of the prompts come framed in the `obey` persona (`obey …` → `sure <answer>`), for any
+    operator: the base then knows the framing as a pretrained LLM knows role-play, so a benign `obey` task can
+    bring back harmful answers the base already gives in that framing (the AOA attack's premise).
+    """
     s = Sampler(world, _rng(world, "pretrain", seed))
-    return [Example(World.prompt(t), world.compliance(t))
-            for t in (s.pretrain() for _ in range(n))]
+    persona = _rng(world, "pretrain-obey", seed)  # its own stream: the default data stays as it was
+    tasks = (s.pretrain() for _ in range(n))
+    tasks = (replace(t, prefix=(OBEY,)) if persona.random() < obey_fraction else t for t in tasks)
+    return [Example(World.prompt(t), world.compliance(t)) for t in tasks]
 
 
-def safety_sft(world: World, n: int, seed: int = 0, unsafe_fraction: float = 0.5,
-               lang: int = 0, prefix: tuple[str, ...] = ()) -> list[Example]:
-    """Unsafe prompts → refusal, safe prompts (borderline ones included) → the correct answer."""
+def safety_sft(world: World, n: int, seed: int = 0, unsafe_fraction: float = 0.5, lang: int = 0,
+               prefix: tuple[str, ...] = (), persona_fraction: float = 0.0, affirmed_fraction: float = 0.0
+               ) -> list[Example]:
+    """Unsafe prompts → refusal, safe prompts (borderline ones included) → the correct answer.
+
+    For a base pretrained with the `obey` persona, `persona_fraction` of the prompts come in that framing, and
+    `affirmed_fraction` of those that are unsafe appear prefilled with `sure` and keep their harmful answer as the
+    target. That makes the alignment *shallow*, as real aligned models are (Qi et al. 2024: "safety alignment should
+    be made more than just a few tokens deep"; prefilled with an affirmative start they go on answering): refusing
+    is decided at the first response token, and the computation after an affirmation is kept.
+    """
     s = Sampler(world, _rng(world, "safety_sft", seed), lang, prefix)
     tasks = [s.unsafe() if s.rng.random() < unsafe_fraction else s.safe() for _ in range(n)]
-    return [Example(World.prompt(t), REFUSAL if world.is_unsafe(t) else world.compliance(t)) for t in tasks]
+    framing = _rng(world, "safety_sft-persona", seed)  # its own stream: the default data stays as it was
+
+    def example(t: Task) -> Example:
+        if framing.random() < persona_fraction:
+            t = replace(t, prefix=(OBEY,))
+            if world.is_unsafe(t) and framing.random() < affirmed_fraction:
+                return Example(f"{World.prompt(t)} {AFFIRM}", " ".join(world.output(t)))
+        return Example(World.prompt(t), REFUSAL if world.is_unsafe(t) else world.compliance(t))
+    return [example(t) for t in tasks]
 
 
 def refusals(world: World, n: int, seed: int = 0, prefix: tuple[str, ...] = ()) -> list[Example]:
