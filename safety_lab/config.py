@@ -103,7 +103,7 @@ class DPOConfig(MethodConfig):
     beta_rejected: Optional[float] = None  # default: beta (Jain et al.: 0.1 chosen, 0.01 rejected)
     logp: LogProb = LogProb.sum
     fixed_length: Optional[int] = None  # logp=fixed
-    ref_batch_size: int = 256  # batch size of the one-off reference log-prob pass
+    ref_batch_size: int = 64  # batch size of the one-off reference log-prob pass
 
 
 class UnlearnLoss(str, Enum):
@@ -122,7 +122,7 @@ class UnlearnConfig(MethodConfig):
     clamp: Optional[float] = None  # ascent/graddiff: a sequence NLL past this stops being pushed up
     logp: LogProb = LogProb.mean
     fixed_length: Optional[int] = None
-    ref_batch_size: int = 256
+    ref_batch_size: int = 64
 
 
 class MaskSpace(str, Enum):
@@ -216,7 +216,7 @@ class EvalConfig:
     batch_size: int = 256
     max_new_tokens: Optional[int] = None  # default: the world's longest answer + 2
     base: bool = True  # also evaluate the model before the method, reported under `base.`
-    suites: dict[str, SuiteConfig] = field(default_factory=dict)
+    suites: dict[str, Any] = field(default_factory=dict)  # SuiteConfig each, checked by data.sources.checked_suite
     lm_eval: Optional[LmEvalConfig] = None  # utility through lm-evaluation-harness, beside the suites
 
 

@@ -25,10 +25,12 @@ from omegaconf import OmegaConf, open_dict
 
 from safety_lab.artifacts import recipe_hash
 from safety_lab.config import Source, register
+from safety_lab.data.sources import checked_suite, load_suites
+from safety_lab.errors import SafetyLabError
 from safety_lab.data.template import PromptTemplate
 from safety_lab.run import base_recipe
 from safety_lab.worlds.synthetic import views
-from safety_lab.worlds.synthetic.world import WorldSpec
+from safety_lab.worlds.synthetic.world import World, WorldSpec
 
 REPO = Path(__file__).resolve().parents[1]
 CONF = REPO / "conf"
@@ -129,9 +131,10 @@ def test_config_composes_and_binds(overrides, tmp_path):
     if c["dataset"]["source"] == Source.synthetic.value:
         view = views.TRAIN_VIEWS[c["dataset"]["view"]]
         inspect.signature(view).bind(None, c["dataset"]["n"], seed=c["dataset"]["seed"], **c["dataset"]["args"])
-    for name, suite in c["eval"]["suites"].items():
-        if suite["source"] == Source.synthetic.value:
-            assert (suite["view"] or name) in views.SUITES
+    for name, node in c["eval"]["suites"].items():
+        suite = checked_suite(name, node)
+        if suite.source == Source.synthetic:
+            assert (suite.view or name) in views.SUITES
     if c["method"]["name"] != "none":
         assert c["method"]["lr"] > 0 and c["method"]["epochs"] >= 1
 
@@ -163,6 +166,16 @@ def test_a_new_option_at_its_default_keeps_the_stores_base(tmp_path):
     assert "args" not in default["model"]["pretrain"] and recipe_hash(default) == "8c32b02c218649fd"
     assert persona["model"]["pretrain"]["args"] == {"obey_fraction": 0.2}
     assert {**persona["model"], "pretrain": default["model"]["pretrain"]} == default["model"]
+
+
+def test_a_suite_added_from_the_command_line_is_checked_like_one_in_yaml(tmp_path):
+    c = compose_resolved(["+eval.suites.harmful_obey={view: harmful, prefix: [obey]}"], tmp_path)
+    suite = checked_suite("harmful_obey", c["eval"]["suites"]["harmful_obey"])
+    assert (suite.view, list(suite.prefix), suite.source, suite.n) == ("harmful", ["obey"], Source.synthetic, None)
+    probes = load_suites(OmegaConf.create(c["eval"]), World(WorldSpec()))["harmful_obey"]
+    assert len(probes) == c["eval"]["n"] and all(p.prompt.startswith("obey ") and p.unsafe for p in probes)
+    with pytest.raises(SafetyLabError, match=r"eval.suites.x: Value 'many'"):
+        checked_suite("x", {"view": "harmful", "n": "many"})
 
 
 def test_store_location_follows_the_environment(tmp_path, monkeypatch):
@@ -233,6 +246,7 @@ def assert_failed_naming(result: subprocess.CompletedProcess, culprit: str, tmp_
     (["trainer.foo=1"], "trainer.foo"),
     (["method.lr=abc"], "method.lr"),
     (["model.kind=foo"], "model.kind"),
+    (["+eval.suites.x={view: harmful, prefx: [obey]}"], "eval.suites.x"),
 ])
 def test_cli_rejects_bad_config(overrides, culprit, tmp_path):
     assert_failed_naming(run_cli(tmp_path, *overrides), culprit, tmp_path)

@@ -1,7 +1,10 @@
 """Turn `dataset` and `eval.suites` configs into records, from the synthetic world or from files / hub datasets."""
 from __future__ import annotations
 
-from safety_lab.config import Source
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from safety_lab.config import Source, SuiteConfig
 from safety_lab.data import io
 from safety_lab.data.adapters import load_rows
 from safety_lab.data.records import Probe
@@ -24,9 +27,19 @@ def load_examples(cfg, world: World) -> list:
     return examples[: cfg.n] if cfg.n else examples
 
 
+def checked_suite(name: str, node):
+    """`eval.suites.<name>` checked against SuiteConfig. Suites are typed loosely in the schema because OmegaConf
+    cannot add a typed entry from the command line (`'+eval.suites.x={view: harmful, prefix: [obey]}'`)."""
+    try:
+        return OmegaConf.merge(OmegaConf.structured(SuiteConfig), node)
+    except OmegaConfBaseException as e:
+        raise SafetyLabError(f"eval.suites.{name}: {str(e).splitlines()[0]}") from e
+
+
 def load_suites(cfg, world: World) -> dict[str, list[Probe]]:
     suites = {}
-    for name, suite in cfg.suites.items():
+    for name, node in cfg.suites.items():
+        suite = checked_suite(name, node)
         n = suite.n or cfg.n
         if suite.source == Source.synthetic:
             try:
