@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any, Dict, Optional
+from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
 
@@ -48,7 +48,7 @@ class PretrainConfig:
     lr: float = 4e-3
     warmup_ratio: float = 0.05
     seed: int = 0
-    args: Dict[str, Any] = field(default_factory=dict)  # of the `pretrain` view, e.g. obey_fraction
+    args: dict[str, Any] = field(default_factory=dict)  # of the `pretrain` view, e.g. obey_fraction
 
 
 @dataclass

@@ -89,13 +89,16 @@ def write_tables(rows: list[dict], folder: Path) -> tuple[Path, Path]:
     same = [k for k in shown if len(ok) > 1 and len({_cell(r, k) for r in ok}) == 1]
     shown = [k for k in shown if k not in same]
     weighted = any(WEIGHT in r for r in rows)
-    header = ["job", "status", *(["λ"] if weighted else []), "overrides", *shown]
+    one_command = len(rows) > 1 and len({r["overrides"] for r in rows}) == 1  # an in-process sweep's λ folders
+    header = ["job", "status", *(["λ"] if weighted else []), *([] if one_command else ["overrides"]), *shown]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in rows:
         status = "ok" if r["status"] == "ok" else f"**FAILED**: {r['error']}".replace("|", "\\|")
         weight = [f"{r[WEIGHT]:g}" if WEIGHT in r else ""] if weighted else []
-        lines.append("| " + " | ".join([r["job"], status, *weight, f"`{r['overrides']}`" if r["overrides"] else "",
-                                        *(_cell(r, k) for k in shown)]) + " |")
+        overrides = [] if one_command else [f"`{r['overrides']}`" if r["overrides"] else ""]
+        lines.append("| " + " | ".join([r["job"], status, *weight, *overrides, *(_cell(r, k) for k in shown)]) + " |")
+    if one_command and rows[0]["overrides"]:
+        lines += ["", f"Every job: `{rows[0]['overrides']}`."]
     if same:
         lines += ["", "Same in every successful job: " + "; ".join(f"{k} {_cell(ok[0], k)}" for k in same) + "."]
     (folder / "report.md").write_text("\n".join(lines) + "\n")

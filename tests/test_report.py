@@ -60,9 +60,14 @@ def test_in_process_sweep_folders_are_rows_and_the_cli_reports(tmp_path, capsys)
     for weight in (0.0, 0.2):
         folder = tmp_path / f"weight={weight:g}"
         folder.mkdir()
-        (folder / "metrics.json").write_text(json.dumps({"fusion/weight": weight, "harmful/compliance_rate": 0.5}))
+        (folder / "metrics.json").write_text(json.dumps({"fusion/weight": weight, "harmful/compliance_rate": 0.5 - weight}))
+    (tmp_path / ".hydra").mkdir()  # the one run's overrides, which every λ folder shares
+    (tmp_path / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(["fusion.weights=[0,0.2]"]))
     assert [r["job"] for r in collect(tmp_path)] == ["weight=0", "weight=0.2"]
-    assert main([str(tmp_path)]) == 0 and (tmp_path / "report.md").exists()
+    assert main([str(tmp_path)]) == 0
+    md = (tmp_path / "report.md").read_text().splitlines()
+    assert md[0] == "| job | status | λ | harmful/compliance_rate |"  # no column repeating the one command
+    assert md[-1] == "Every job: `fusion.weights=[0,0.2]`."
     assert main([str(tmp_path / "missing")]) == 2
 
 
