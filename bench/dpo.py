@@ -1,12 +1,12 @@
 """One DPO epoch with safety_lab's `method=dpo` against TRL's DPOTrainer: tokens per second and peak memory (RSS).
 
 Same tiny Llama (the synthetic world's architecture, seeded init), same LoRA config, same preference pairs, batch
-size, learning rate, β and epoch count; each side runs in a fresh child process of this script, back to back, so
-peak RSS is the high-water mark of one process that imported the same libraries. The clock runs from "model and
-records in memory" to "epoch done" on both sides (tokenisation, reference log-probs and training included; our
-reference cache starts empty). Tokens = prompt + response tokens of chosen and rejected, counted once per pair.
+size, learning rate, β and epoch count; each side runs in a fresh child process of this script, back to back
+(`--repeats` pairs in alternating order, medians reported), so peak RSS is the high-water mark of one process that
+imported the same libraries. The clock runs from "model and records in memory" to "epoch done" on both sides
+(tokenisation, reference log-probs and training included; our reference cache starts empty). Tokens = prompt + response tokens of chosen and rejected, counted once per pair.
 
-    .venv/bin/python -m bench.dpo [--pairs 2048] [--batch-size 32]
+    .venv/bin/python -m bench.dpo [--pairs 2048] [--batch-size 32] [--repeats 3]
 
 Targets: ≥ 2.0× TRL's tokens/s and ≤ 1.0× its peak RSS; recorded in bench/results.json and bench/README.md.
 """
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -106,13 +107,21 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--pairs", type=int, default=2048)
     parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=3, help="back-to-back pairs, in alternating order")
     parser.add_argument("--side", choices=("ours", "trl"), help="run one side in this process (the children)")
     a = parser.parse_args()
     if a.side:
         return child(a.side, a.pairs, a.batch_size)
-    mine, theirs = measure("ours", a.pairs, a.batch_size), measure("trl", a.pairs, a.batch_size)
-    note = f"{a.pairs} pairs, batch {a.batch_size}, LoRA r16 all-linear, {mine['tokens']} tokens/epoch"
-    command = f"python -m bench.dpo --pairs {a.pairs} --batch-size {a.batch_size}"
+    runs = {"ours": [], "trl": []}
+    for repeat in range(a.repeats):
+        for side in ("ours", "trl") if repeat % 2 == 0 else ("trl", "ours"):
+            runs[side].append(measure(side, a.pairs, a.batch_size))
+    mine, theirs = ({key: statistics.median(run[key] for run in runs[side]) for key in runs[side][0]}
+                    for side in ("ours", "trl"))
+    spread = sorted(round(trl["seconds"] / us["seconds"], 2) for us, trl in zip(runs["ours"], runs["trl"]))
+    note = (f"{a.pairs} pairs, batch {a.batch_size}, LoRA r16 all-linear, {mine['tokens']} tokens/epoch; medians of "
+            f"{a.repeats} alternating pairs, per-pair throughput ratios {spread}")
+    command = f"python -m bench.dpo --pairs {a.pairs} --batch-size {a.batch_size} --repeats {a.repeats}"
     print(note)
     for name, side in (("safety_lab", mine), ("TRL", theirs)):
         print(f"{name}: {side['seconds']:.1f} s, {side['tokens'] / side['seconds']:.0f} tokens/s, "

@@ -78,6 +78,11 @@ class TokenizedPreferences(Dataset):
     def __getitem__(self, i: int):
         return self.rows[i]
 
+    def length(self, i: int) -> int:
+        """The padded width pair `i` needs: its longer row."""
+        _, (chosen, _), (rejected, _) = self.rows[i]
+        return max(len(chosen), len(rejected))
+
     def collate(self, rows) -> dict[str, torch.Tensor]:
         batch = pad_right([c for _, c, _ in rows] + [r for _, _, r in rows], self.pad_id)
         batch["index"] = torch.tensor([i for i, _, _ in rows])

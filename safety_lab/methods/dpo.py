@@ -72,8 +72,9 @@ def reference_logps(ctx, forward: Callable, data: TokenizedPreferences, weights_
                     batch_size: int) -> dict[str, torch.Tensor]:
     """{"logps": [N, 2] summed log-probs of (chosen, rejected), "counts": [N, 2] their token counts} under the
     reference `forward(input_ids, attention_mask) -> logits`, from the store when it has them."""
-    def build(folder):
-        loader = torch.utils.data.DataLoader(data, batch_size=batch_size, collate_fn=data.collate)
+    def build(folder):  # pairs in order of length, so batches carry little padding; results go back by index
+        by_length = sorted(range(len(data)), key=data.length)
+        loader = torch.utils.data.DataLoader(data, batch_size=batch_size, sampler=by_length, collate_fn=data.collate)
         logps, counts = torch.zeros(len(data), 2), torch.zeros(len(data), 2, dtype=torch.long)
         for batch in loader:
             summed, n = sequence_logps(forward(batch["input_ids"], batch["attention_mask"]), batch["labels"])
