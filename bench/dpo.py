@@ -4,7 +4,8 @@ Same tiny Llama (the synthetic world's architecture, seeded init), same LoRA con
 size, learning rate, β and epoch count; each side runs in a fresh child process of this script, back to back
 (`--repeats` pairs in alternating order, medians reported), so peak RSS is the high-water mark of one process that
 imported the same libraries. The clock runs from "model and records in memory" to "epoch done" on both sides
-(tokenisation, reference log-probs and training included; our reference cache starts empty). Tokens = prompt + response tokens of chosen and rejected, counted once per pair.
+(tokenisation, reference log-probs and training included; our reference cache starts empty). Tokens = prompt +
+response tokens of chosen and rejected, counted once per pair.
 
     .venv/bin/python -m bench.dpo [--pairs 2048] [--batch-size 32] [--repeats 3]
 

@@ -60,7 +60,8 @@ def test_in_process_sweep_folders_are_rows_and_the_cli_reports(tmp_path, capsys)
     for weight in (0.0, 0.2):
         folder = tmp_path / f"weight={weight:g}"
         folder.mkdir()
-        (folder / "metrics.json").write_text(json.dumps({"fusion/weight": weight, "harmful/compliance_rate": 0.5 - weight}))
+        metrics = {"fusion/weight": weight, "harmful/compliance_rate": 0.5 - weight}
+        (folder / "metrics.json").write_text(json.dumps(metrics))
     (tmp_path / ".hydra").mkdir()  # the one run's overrides, which every λ folder shares
     (tmp_path / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(["fusion.weights=[0,0.2]"]))
     assert [r["job"] for r in collect(tmp_path)] == ["weight=0", "weight=0.2"]
