@@ -3,10 +3,13 @@
 1. SFT tokens/s through the framework (`Context.fit` + `SFTModule`, i.e. Lightning with the default trainer and
    logger) against a minimal hand-written PyTorch loop doing identical work: same freshly initialised default tiny
    Llama, same batches in the same order (a seeded shuffling DataLoader, which the framework's sampler reproduces),
-   same loss, AdamW, warm-up/cosine schedule, gradient clipping, fp32, threads. The final weights of both sides are
+   same loss, AdamW, warm-up/cosine schedule, gradient clipping, fp32, threads, and the model `torch.compile`d in
+   place on both sides (the framework's `model.compile_min_steps=0`; off by default, see safety_lab/config.py).
+   The final weights of both sides are
    compared (they must agree to rounding). Timed as pairs run back to back in alternating order; the figure is the
    ratio of the medians (target ≥ 0.90×).
-2. Achieved training FLOP/s of the framework side — 6·N·tokens (N: weights of the matmuls, embedding excluded) plus
+2. Achieved training FLOP/s of the framework side — 6·N·tokens (N: weights of the matmuls: the linear layers and the
+   output projection, which shares the embedding's weights; the embedding lookup does no FLOPs) plus
    causal attention 6·layers·T²·d per sequence of T real tokens — as a fraction of this machine's fp32 matmul
    peak, measured between the pairs with 2048² matmuls (target ≥ 0.50 on the default model). A wider variant of
    the same architecture (hidden 512) is reported as a separate, clearly labelled row.
@@ -40,6 +43,8 @@ def matmul_peak_flops(n: int = 2048) -> float:
 
 
 def hand_loop(model, data: TokenizedExamples) -> None:
+    model.compile(dynamic=True)  # as the framework does with model.compile_min_steps=0 (setup), deterministically
+    torch.use_deterministic_algorithms(True, warn_only=True)
     loader = torch.utils.data.DataLoader(data, batch_size=BATCH, shuffle=True, collate_fn=data.collate,
                                          generator=torch.Generator().manual_seed(SEED))
     optimizer = torch.optim.AdamW(model.parameters(), lr=LR, betas=(0.9, 0.98), weight_decay=0.0)
@@ -64,7 +69,7 @@ def setup(steps: int, **shape):
     from safety_lab.worlds.synthetic.tokenizer import build_tokenizer
     from safety_lab.worlds.synthetic.world import World, WorldSpec
 
-    cfg = compose("trainer.enable_progress_bar=false")
+    cfg = compose("trainer.enable_progress_bar=false", "model.compile_min_steps=0")
     world = World(WorldSpec(**plain(cfg.world)))
     ctx = Context(cfg, ArtifactStore(cfg.paths.artifacts), world, PromptTemplate())
     tokenizer, m = build_tokenizer(world), {**plain(cfg.model), **shape}
@@ -76,8 +81,7 @@ def setup(steps: int, **shape):
 
 def training_flops(model, data: TokenizedExamples) -> float:
     c = model.config
-    embedding = model.get_input_embeddings().weight
-    n = sum(p.numel() for p in model.parameters() if p.dim() > 1 and p is not embedding)
+    n = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))  # lm_head (tied) too
     lengths = [len(ids) for ids, _ in data.rows]
     return 6 * n * sum(lengths) + 6 * c.num_hidden_layers * c.hidden_size * sum(t * t for t in lengths)
 

@@ -11,6 +11,7 @@ import copy
 import inspect
 import json
 import logging
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -44,7 +45,7 @@ log = logging.getLogger(__name__)
 for _name in ("lightning.pytorch", "lightning.fabric"):  # their banners ("GPU available: False", tips) add nothing
     logging.getLogger(_name).setLevel(logging.WARNING)
 # Model settings that do not change the synthetic base's weights (or only apply to real models).
-NOT_IN_BASE_RECIPE = ("template", "gradient_checkpointing", "quantization")
+NOT_IN_BASE_RECIPE = ("template", "gradient_checkpointing", "compile_min_steps", "quantization")
 # Trainer settings that change nothing about the trained weights, so they stay out of recipes.
 COSMETIC = {"log_every_n_steps", "enable_checkpointing", "enable_model_summary", "enable_progress_bar",
             "num_sanity_val_steps"}
@@ -66,6 +67,24 @@ def base_recipe(cfg: DictConfig) -> dict:
     if not model["pretrain"]["args"]:  # left out when empty, so bases made before view args existed stay valid
         del model["pretrain"]["args"]
     return {"model": model, "world": plain(cfg.world), **training_recipe(cfg)}
+
+
+@contextmanager
+def compiled(model: torch.nn.Module, enabled: bool):
+    """`model` torch.compile'd in place for the duration (parameter names, hence checkpoints, stay the same), with
+    deterministic kernels so that a recipe trains the same weights every time (without them inductor's CPU kernels
+    differ from run to run); evaluation and generation afterwards run eagerly."""
+    if not enabled:
+        yield
+        return
+    before = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    model.compile(dynamic=True)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        yield
+    finally:
+        model._compiled_call_impl = None
+        torch.use_deterministic_algorithms(before[0], warn_only=before[1])
 
 
 @dataclass
@@ -118,7 +137,10 @@ class Context:
             module.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         module.train()  # evaluation may have left it in eval mode
         trained = copy.deepcopy(module) if is_sharded(trainer.strategy) else module
-        trainer.fit(trained, train_dataloaders=loader, ckpt_path=resume, weights_only=True)
+        min_steps = cfg.model.get("compile_min_steps")
+        steps = epochs * len(loader) // cfg.trainer.accumulate_grad_batches
+        with compiled(trained.model, min_steps is not None and steps >= min_steps):
+            trainer.fit(trained, train_dataloaders=loader, ckpt_path=resume, weights_only=True)
         if trained is not module:
             module.load_state_dict(full_state_dict(trainer.strategy.model))
         if hasattr(logger, "experiment") and hasattr(logger.experiment, "finish"):

@@ -66,8 +66,8 @@ def test_resume_skips_what_was_consumed():
 
 
 # ---- in-process: batch 8 × accumulation 1 ≡ batch 1 × accumulation 8 -------------------------------------------
-def fit_tiny(tmp_path: Path, batch_size: int, accumulation: int,
-             checkpointing: bool = False) -> tuple[torch.nn.Module, TokenizedExamples]:
+def fit_tiny(tmp_path: Path, batch_size: int, accumulation: int, checkpointing: bool = False,
+             compile_min_steps: int | None = None) -> tuple[torch.nn.Module, TokenizedExamples]:
     tokenizer = build_tiny_tokenizer()
     examples = [Example(SENTENCES[i], SENTENCES[i + 1]) for i in range(0, 32, 2)]  # 16 rows of unequal length
     data = TokenizedExamples(examples, tokenizer, max_length=64)
@@ -77,7 +77,7 @@ def fit_tiny(tmp_path: Path, batch_size: int, accumulation: int,
                     "enable_progress_bar": False, "enable_model_summary": False, "log_every_n_steps": 1},
         "strategy": {"strategy": "auto", "devices": 1, "num_nodes": 1},
         "logger": {"_target_": "lightning.pytorch.loggers.CSVLogger", "save_dir": str(tmp_path), "name": "logs"},
-        "paths": {"output_dir": str(tmp_path)}, "model": {}, "ckpt_path": "last", "ckpt_every_n_steps": 1})
+        "paths": {"output_dir": str(tmp_path)}, "model": {"compile_min_steps": compile_min_steps}, "ckpt_path": "last", "ckpt_every_n_steps": 1})
     model = build_tiny_llama(len(tokenizer))
     ctx = Context(cfg, ArtifactStore(tmp_path / "store"), world=None, template=None, methods={})
     ctx.fit("sft", SFTModule(model, lr=1e-2, warmup_ratio=0.0), data, batch_size, epochs=2, seed=0)
@@ -98,6 +98,21 @@ def test_batch_8_equals_batch_1_with_accumulation_8(tmp_path):
     assert loss_big < untrained - 0.3  # four optimiser steps really trained it (5.30 -> 4.85)
     assert abs(loss_big - loss_small) / loss_big < 1e-3
     drift = max((a - b).abs().max().item() for a, b in zip(big.parameters(), small.parameters()))
+    assert drift < 1e-4
+
+
+def test_compiled_fit_is_reproducible_trains_the_eager_weights_and_leaves_the_model_eager(tmp_path):
+    from torch._dynamo.utils import counters
+
+    counters.clear()
+    not_long_enough, _ = fit_tiny(tmp_path / "a", 8, 1, compile_min_steps=5)  # 2 epochs of 2 steps: too short
+    assert not counters["frames"]["ok"]
+    compiled, data = fit_tiny(tmp_path / "b", 8, 1, compile_min_steps=4)
+    assert counters["frames"]["ok"] > 0  # dynamo compiled the forward
+    assert compiled._compiled_call_impl is None  # evaluation and generation after the fit run eagerly
+    again, _ = fit_tiny(tmp_path / "c", 8, 1, compile_min_steps=4)
+    assert all(torch.equal(a, b) for a, b in zip(compiled.parameters(), again.parameters()))  # reproducible
+    drift = max((a - b).abs().max().item() for a, b in zip(compiled.parameters(), not_long_enough.parameters()))
     assert drift < 1e-4
 
 
