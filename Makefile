@@ -30,7 +30,7 @@ install-real: install
 test-slow: install
 	$(PY) -m pytest -q -m slow
 
-# Each script prints its ratio and merges it into bench/results.json and the table in bench/README.md (~15 min on
+# Each script prints its ratio and merges it into bench/results.json and the table in bench/README.md (~6 min on
 # 2 quiet cores). The sweep times the λ loop on quickly trained adapters of its own store (bench/README.md).
 BENCH_STORE ?= /tmp/safety_lab_bench_store
 bench: install

@@ -66,7 +66,7 @@ class ModelConfig:
     max_length: int = 128  # training sequences are cut to this many tokens
     gradient_checkpointing: bool = False  # recompute activations in backward (real models; not in recipes)
     # torch.compile the model for fits of at least this many optimiser steps (null: never; needs a C++ compiler on
-    # CPU). ~10 s of compiling per process; 300 makes the quickstart's cold run 14% faster (pretraining's 1000 steps).
+    # CPU). ~10 s of compiling per process; 300 makes the quickstart's cold run 6-14% faster (pretraining's 1000 steps).
     # Off by default: compiled weights differ from eager ones by rounding (like thread counts, not in recipes), and
     # the documented studies were trained eagerly.
     compile_min_steps: Optional[int] = None
