@@ -77,7 +77,8 @@ def fit_tiny(tmp_path: Path, batch_size: int, accumulation: int, checkpointing: 
                     "enable_progress_bar": False, "enable_model_summary": False, "log_every_n_steps": 1},
         "strategy": {"strategy": "auto", "devices": 1, "num_nodes": 1},
         "logger": {"_target_": "lightning.pytorch.loggers.CSVLogger", "save_dir": str(tmp_path), "name": "logs"},
-        "paths": {"output_dir": str(tmp_path)}, "model": {"compile_min_steps": compile_min_steps}, "ckpt_path": "last", "ckpt_every_n_steps": 1})
+        "paths": {"output_dir": str(tmp_path)}, "model": {"compile_min_steps": compile_min_steps},
+        "ckpt_path": "last", "ckpt_every_n_steps": 1})
     model = build_tiny_llama(len(tokenizer))
     ctx = Context(cfg, ArtifactStore(tmp_path / "store"), world=None, template=None, methods={})
     ctx.fit("sft", SFTModule(model, lr=1e-2, warmup_ratio=0.0), data, batch_size, epochs=2, seed=0)
@@ -107,7 +108,7 @@ def test_compiled_fit_is_reproducible_trains_the_eager_weights_and_leaves_the_mo
     counters.clear()
     not_long_enough, _ = fit_tiny(tmp_path / "a", 8, 1, compile_min_steps=5)  # 2 epochs of 2 steps: too short
     assert not counters["frames"]["ok"]
-    compiled, data = fit_tiny(tmp_path / "b", 8, 1, compile_min_steps=4)
+    compiled, _ = fit_tiny(tmp_path / "b", 8, 1, compile_min_steps=4)
     assert counters["frames"]["ok"] > 0  # dynamo compiled the forward
     assert compiled._compiled_call_impl is None  # evaluation and generation after the fit run eagerly
     again, _ = fit_tiny(tmp_path / "c", 8, 1, compile_min_steps=4)
