@@ -12,7 +12,7 @@ import lightning as L
 import pytest
 import torch
 
-from safety_lab.data.collate import IGNORE, TokenizedExamples, join, pad_right
+from safety_lab.data.collate import IGNORE, TokenizedExamples, join, pad, pad_right
 from safety_lab.data.records import Example
 from safety_lab.data.template import PromptTemplate
 from safety_lab.methods.losses import token_cross_entropy
@@ -103,7 +103,7 @@ def test_chat_template_prompts_carry_one_bos(tiny_hf_model):
     assert labels == [IGNORE] * (len(ids) - len(response)) + response
 
 
-def test_pad_right_shapes_and_masks():
+def test_padding_shapes_and_masks():
     rows = [([5, 6, 7], [IGNORE, 6, 7]), ([1, 2, 3, 4, 9], [IGNORE, IGNORE, 3, 4, 9])]
     batch = pad_right(rows, pad_id=0)
     assert {k: v.shape for k, v in batch.items()} == {k: (2, 5) for k in ("input_ids", "attention_mask", "labels")}
@@ -111,6 +111,7 @@ def test_pad_right_shapes_and_masks():
     assert batch["attention_mask"].tolist() == [[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]]
     assert batch["labels"].tolist() == [[IGNORE, 6, 7, IGNORE, IGNORE], [IGNORE, IGNORE, 3, 4, 9]]
     assert all(v.dtype == torch.long for v in batch.values())
+    assert pad([[5, 6, 7], [1, 2, 3, 4, 9]], 0, left=True).tolist() == [[0, 0, 5, 6, 7], [1, 2, 3, 4, 9]]  # generation
 
 
 # ---- the learning-rate schedule -------------------------------------------------------------------------------

@@ -89,12 +89,15 @@ class TokenizedPreferences(Dataset):
         return batch
 
 
+def pad(seqs, fill: int, left: bool = False) -> torch.Tensor:
+    """[rows, longest] token tensor: each row padded with `fill` on the right (or the left), built in one call."""
+    width = max(len(s) for s in seqs)
+    return torch.tensor([[fill] * (width - len(s)) + list(s) if left else list(s) + [fill] * (width - len(s))
+                         for s in seqs], dtype=torch.long)
+
+
 def pad_right(rows, pad_id: int) -> dict[str, torch.Tensor]:
-    width = max(len(ids) for ids, _ in rows)
-
-    def padded(seqs, fill: int) -> torch.Tensor:  # one tensor from padded lists: 4x faster than row-wise copies
-        return torch.tensor([list(s) + [fill] * (width - len(s)) for s in seqs], dtype=torch.long)
-
+    """A training batch of (ids, labels) rows: ids and labels of a row have the same length (`join`)."""
     ids = [ids for ids, _ in rows]
-    return {"input_ids": padded(ids, pad_id), "attention_mask": padded([[1] * len(s) for s in ids], 0),
-            "labels": padded([labels for _, labels in rows], IGNORE)}
+    return {"input_ids": pad(ids, pad_id), "attention_mask": pad([[1] * len(s) for s in ids], 0),
+            "labels": pad([labels for _, labels in rows], IGNORE)}

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 from tqdm.auto import tqdm
 
+from safety_lab.data.collate import pad
 from safety_lab.models.factory import eval_mode
 
 
@@ -26,8 +27,9 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_si
     with eval_mode(model), torch.inference_mode():
         for start in tqdm(range(0, len(order), batch_size), desc="generate", disable=not progress):
             batch = order[start:start + batch_size]
-            input_ids, attention_mask = (t.to(model.device) for t in pad_left([encoded[i] for i in batch],
-                                                                               tokenizer.pad_token_id))
+            rows = [encoded[i] for i in batch]  # left-padded: every row's next token sits in the last column
+            input_ids = pad(rows, tokenizer.pad_token_id, left=True).to(model.device)
+            attention_mask = pad([[1] * len(row) for row in rows], 0, left=True).to(model.device)
             output = model.generate(input_ids=input_ids, attention_mask=attention_mask, do_sample=False,
                                     use_cache=True, max_new_tokens=max_new_tokens,
                                     pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
@@ -35,14 +37,3 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_si
             for i, text in zip(batch, tokenizer.batch_decode(new_tokens, skip_special_tokens=True)):
                 responses[i] = text.strip()
     return responses
-
-
-def pad_left(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(input ids, attention mask) with every row right-aligned, so its next token sits in the last column."""
-    width = max(len(row) for row in rows)
-    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, row in enumerate(rows):
-        input_ids[i, width - len(row):] = torch.tensor(row, dtype=torch.long)
-        attention_mask[i, width - len(row):] = 1
-    return input_ids, attention_mask
