@@ -163,6 +163,9 @@ class Context:
 
         def build(folder: Path) -> dict:
             self.base_id = base_id
+            # every random draw of the stage (adapter initialisation, masks, data order, dropout) from its seed,
+            # whatever this process did before (e.g. pretrained the base or reused it from the store)
+            L.seed_everything(self.cfg.seed, workers=True, verbose=False)
             trained["model"], metrics = method.train(self, model, tokenizer, method_cfg, dataset_cfg)
             method.save(trained["model"], tokenizer, folder)
             return metrics
