@@ -123,8 +123,9 @@ class Context:
         if cfg.trainer.enable_checkpointing and checkpoints is not None:
             callbacks.append(ModelCheckpoint(dirpath=checkpoints / stage, save_last=True, save_top_k=0,
                                              every_n_train_steps=cfg.ckpt_every_n_steps))
-            last = checkpoints / stage / "last.ckpt"
-            resume = (str(last) if last.exists() else None) if cfg.ckpt_path == "last" else cfg.ckpt_path
+            from safety_lab.checkpoints import resume_path  # checked first; a corrupt last.ckpt is set aside
+
+            resume = resume_path(checkpoints / stage / "last.ckpt", cfg.ckpt_path)
             if resume:
                 log.info("resuming %s from %s", stage, resume)
         logger = instantiate(cfg.logger, name=stage)

@@ -71,11 +71,6 @@ def test_csv_values_are_strings_and_quoted_fields_may_span_lines(tmp_path):
     assert read_rows(path) == [{"prompt": "a, b\nc", "label": "1"}, {"prompt": "d", "label": "0"}]
 
 
-@pytest.mark.parametrize("name, text", [("e.jsonl", ""), ("e.json", "[]"), ("e.csv", "")])
-def test_empty_files_give_no_rows(tmp_path, name, text):
-    assert read_rows(write(tmp_path / name, text)) == []
-
-
 # ---- file errors --------------------------------------------------------------------------------------------
 def error_of(path) -> str:
     with pytest.raises(DataError) as info:

@@ -3,12 +3,15 @@
 `read_rows` reads .jsonl, .json, .csv and .parquet files into plain dicts; `to_examples`, `to_preferences` and
 `to_probes` turn rows into the records of `safety_lab.data.records`; `load_hf_dataset` takes a hub id or a local
 path. Every problem with the data raises `DataError`, whose message is one line naming the file (or `source`), the
-line or row where known (both counted from 1), and what is wrong, so a researcher can fix the file directly.
+line or row where known (both counted from 1), and what is wrong, so a researcher can fix the file directly. A file
+without rows, or a data folder without data files, is an error too (a wrong path or a broken export).
 """
 from __future__ import annotations
 
+import codecs
 import csv
 import json
+from io import StringIO
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -35,9 +38,23 @@ def _type_name(value: Any) -> str:
 
 
 # ---- files ----------------------------------------------------------------------------------------------------
+def read_text(path: Path) -> str:
+    """A text file decoded as UTF-8, a byte order mark dropped; a bad byte is named by its line and its offset in the
+    file (counted from 0, as hex editors do)."""
+    data = path.read_bytes()
+    bom = len(codecs.BOM_UTF8) if data.startswith(codecs.BOM_UTF8) else 0
+    try:
+        return data[bom:].decode("utf-8")
+    except UnicodeDecodeError as e:
+        at = bom + e.start
+        line = data.count(b"\n", 0, at) + 1
+        raise DataError(f"{path}:{line}: not UTF-8 text (byte {at}: {e.reason})") from None
+
+
 def read_rows(path: str | Path) -> list[dict]:
     """The records of one local file, by extension: .jsonl (one object per line, blank lines skipped), .json
-    (a list of objects, or {"data": [...]}), .csv (a header row; every value is a string), .parquet."""
+    (a list of objects, or {"data": [...]}), .csv (a header row; every value is a string), .parquet. A file without
+    rows is an error."""
     path = Path(path)
     suffix = path.suffix.lower()
     if suffix not in _READERS:
@@ -47,31 +64,30 @@ def read_rows(path: str | Path) -> list[dict]:
         raise DataError(f"{path}: no such file")
     if not path.is_file():
         raise DataError(f"{path}: is a directory, not a {suffix} file")
-    try:
-        return _READERS[suffix](path)
-    except UnicodeDecodeError as e:
-        raise DataError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason})") from None
+    rows = _READERS[suffix](path)
+    if not rows:
+        raise DataError(f"{path}: no rows")
+    return rows
 
 
 def _read_jsonl(path: Path) -> list[dict]:
     rows = []
-    with path.open(encoding="utf-8-sig") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{lineno}: malformed JSON: {e.msg} (column {e.colno})") from None
-            if not isinstance(row, dict):
-                raise DataError(f"{path}:{lineno}: expected a JSON object, got {_type_name(row)}")
-            rows.append(row)
+    for lineno, line in enumerate(read_text(path).split("\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{lineno}: malformed JSON: {e.msg} (column {e.colno})") from None
+        if not isinstance(row, dict):
+            raise DataError(f"{path}:{lineno}: expected a JSON object, got {_type_name(row)}")
+        rows.append(row)
     return rows
 
 
 def _read_json(path: Path) -> list[dict]:
     try:
-        data = json.loads(path.read_text(encoding="utf-8-sig"))
+        data = json.loads(read_text(path))
     except json.JSONDecodeError as e:
         raise DataError(f"{path}:{e.lineno}: malformed JSON: {e.msg} (column {e.colno})") from None
     if isinstance(data, dict) and isinstance(data.get("data"), list):
@@ -87,17 +103,16 @@ def _read_json(path: Path) -> list[dict]:
 
 def _read_csv(path: Path) -> list[dict]:
     rows = []
-    with path.open(encoding="utf-8-sig", newline="") as f:
-        reader = csv.DictReader(f)
-        try:
-            for row in reader:
-                if None in row or None in row.values():  # DictReader's marks of a row longer or shorter
-                    more = "more" if None in row else "fewer"
-                    raise DataError(f"{path}:{reader.line_num}: {more} fields than the {len(reader.fieldnames)} "
-                                    f"of the header ({', '.join(reader.fieldnames)})")
-                rows.append(row)
-        except csv.Error as e:
-            raise DataError(f"{path}:{reader.line_num}: malformed CSV: {e}") from None
+    reader = csv.DictReader(StringIO(read_text(path), newline=""))
+    try:
+        for row in reader:
+            if None in row or None in row.values():  # DictReader's marks of a row longer or shorter
+                more = "more" if None in row else "fewer"
+                raise DataError(f"{path}:{reader.line_num}: {more} fields than the {len(reader.fieldnames)} "
+                                f"of the header ({', '.join(reader.fieldnames)})")
+            rows.append(row)
+    except csv.Error as e:
+        raise DataError(f"{path}:{reader.line_num}: malformed CSV: {e}") from None
     return rows
 
 
@@ -120,6 +135,8 @@ def load_hf_dataset(name_or_path: str, split: str = "train") -> list[dict]:
     path = Path(name_or_path)
     if path.suffix.lower() in SUPPORTED or path.is_file():
         return read_rows(path)
+    if path.is_dir() and not any(p.suffix.lower() in SUPPORTED for p in path.rglob("*") if p.is_file()):
+        raise DataError(f"{path}: no data files in this folder or below (looked for {', '.join(SUPPORTED)})")
     import datasets
 
     return [dict(row) for row in datasets.load_dataset(name_or_path, split=split)]

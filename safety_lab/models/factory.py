@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase
 
+from safety_lab.checkpoints import check_safetensors, check_torch_file
 from safety_lab.errors import SafetyLabError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -96,10 +97,27 @@ def quantization_config(quantization: str | None):
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16)
 
 
+def check_weights(folder: Path, allow_pickle: bool = False) -> None:
+    """Refuse a local model folder whose weights cannot be loaded safely, before transformers reads them: every
+    `model*.safetensors` file must be whole; pickle weights (`pytorch_model*.bin`, read only when there is no
+    safetensors file) need `allow_pickle` and must pass `torch.load(weights_only=True)`. A folder without either is
+    left to transformers to report."""
+    safetensors = sorted(folder.glob("model*.safetensors"))
+    pickles = [] if safetensors else sorted(folder.glob("pytorch_model*.bin"))
+    if pickles and not allow_pickle:
+        raise SafetyLabError(f"model.path: {folder} has only pickle weights ({', '.join(p.name for p in pickles)}), "
+                             f"which may run code when loaded; convert them to safetensors, or set "
+                             f"model.allow_pickle=true if you trust them (loaded with torch's weights_only)")
+    for file in safetensors:
+        check_safetensors(file)
+    for file in pickles:
+        check_torch_file(file)
+
+
 def load_pretrained(path: str | Path, dtype: str = "float32", gguf_file: str | None = None,
-                    quantization: str | None = None):
-    """Load a causal LM and its tokenizer from a local folder, an installed package (`pkg:<module>`) or a hub id
-    (hub ids need the network)."""
+                    quantization: str | None = None, allow_pickle: bool = False):
+    """Load a causal LM and its tokenizer from a local folder (its weights checked first: `check_weights`), an
+    installed package (`pkg:<module>`) or a hub id (hub ids need the network)."""
     path = package_folder(path)
     local = Path(str(path)).expanduser()
     looks_local = str(path).startswith((".", "/", "~")) or local.exists()
@@ -107,6 +125,8 @@ def load_pretrained(path: str | Path, dtype: str = "float32", gguf_file: str | N
         raise SafetyLabError(f"model.path: {path} does not exist")
     if dtype not in DTYPES:
         raise SafetyLabError(f"model.dtype={dtype!r} is not one of {sorted(DTYPES)}")
+    if looks_local and local.is_dir() and gguf_file is None:
+        check_weights(local, allow_pickle)
     source = str(local) if looks_local else str(path)
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=gguf_file)
