@@ -196,9 +196,11 @@ class ArtifactStore:
             try:
                 metrics = build(tmp) or {}
                 _refuse_non_finite(kind, final.name, tmp)
+                import torch  # loaded by the build; threads are recorded, not part of the recipe
                 write_json_atomic(tmp / MANIFEST, {"kind": kind, "hash": final.name, "recipe": recipe,
                                                    "metrics": metrics, "seconds": round(time.time() - start, 1),
-                                                   "versions": _versions(), "files": file_records(tmp)})
+                                                   "versions": _versions(), "threads": torch.get_num_threads(),
+                                                   "files": file_records(tmp)})
                 if final.exists():  # a stale, manifest-less folder (a crash of an older layout): replace it
                     shutil.rmtree(final)
                 os.replace(tmp, final)

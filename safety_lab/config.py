@@ -5,12 +5,15 @@ _self_]`), so a wrong type or an unknown choice fails with one line naming the k
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, ListConfig
 
+from safety_lab.errors import SafetyLabError
 from safety_lab.worlds.synthetic.world import WorldSpec
 
 
@@ -58,6 +61,7 @@ class ModelConfig:
     gguf_file: Optional[str] = None  # hf: a GGUF file inside `path`, dequantised once into the store
     dtype: str = "float32"
     quantization: Optional[str] = None  # hf, GPU only: load in "8bit" or "4bit" (bitsandbytes)
+    allow_pickle: bool = False  # hf: load a local folder's pickle weights (pytorch_model.bin), with weights_only
     hidden_size: int = 96
     num_layers: int = 3
     num_heads: int = 3
@@ -270,3 +274,34 @@ def register() -> None:
         cs.store(group=group, name="schema", node=node)
     for name, node in (("dpo", DPOConfig), ("unlearn", UnlearnConfig), ("mask_dpo", MaskDPOConfig)):
         cs.store(group="method", name=f"schema_{name}", node=node)
+
+
+# Numeric settings whose range is known, checked by key name wherever they occur (the run's method, the align, fusion
+# and mask-DPO task stages, datasets, suites, merge arguments); an unset (null) value keeps its default.
+POSITIVE = ("lr", "beta", "beta_rejected")
+AT_LEAST_ONE = ("epochs", "n", "batch_size", "ref_batch_size", "accumulate_grad_batches", "max_new_tokens", "r",
+                "steps", "lipschitz_n", "row_space_k", "threads")
+NON_NEGATIVE = ("weight_decay", "gradient_clip_val", "retain_weight", "forget_weight", "sparsity", "alpha")
+PROBABILITY = ("warmup_ratio", "min_lr_ratio", "dropout", "obey_fraction", "drop_rate", "density", "top_k",
+               "energy")
+RANGES = {**{k: ("> 0", lambda v: v > 0) for k in POSITIVE},
+          **{k: (">= 1", lambda v: v >= 1) for k in AT_LEAST_ONE},
+          **{k: (">= 0", lambda v: v >= 0) for k in NON_NEGATIVE},
+          **{k: ("in [0, 1]", lambda v: 0 <= v <= 1) for k in PROBABILITY}}
+UNCHECKED = ("hydra", "judge_args", "trainer")  # other programs' settings, checked by those programs
+
+
+def check_values(node, path: str = "") -> None:
+    """Raise one `SafetyLabError` line naming the first numeric setting outside its known range (RANGES), or not
+    finite, e.g. `method.lr=-0.001: must be > 0`."""
+    items = node.items() if isinstance(node, DictConfig) else enumerate(node) if isinstance(node, ListConfig) else ()
+    for key, value in items:
+        where = f"{path}.{key}" if path else str(key)
+        if isinstance(value, (DictConfig, ListConfig)):
+            if key not in UNCHECKED:
+                check_values(value, where)
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            if not math.isfinite(value):
+                raise SafetyLabError(f"{where}={value}: must be a finite number")
+            if key in RANGES and not RANGES[key][1](value):
+                raise SafetyLabError(f"{where}={value}: must be {RANGES[key][0]}")

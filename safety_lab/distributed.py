@@ -27,6 +27,39 @@ def is_rank_zero() -> bool:
     return int(os.environ.get("SLURM_PROCID", 0)) == 0  # srun (submitit)
 
 
+def job_threads(cfg) -> int:
+    """Intra-op threads of this process: `cfg.threads`, else this job's share of the cores it may use (divided among
+    the launcher's parallel jobs and the job's CPU ranks). Never from the load of the moment: the thread count changes
+    trained weights by rounding, so it depends only on the launch, and is recorded in each store manifest."""
+    if cfg.get("threads"):
+        return cfg.threads
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, cores // (parallel_jobs() * cpu_ranks(cfg)))
+
+
+def parallel_jobs() -> int:
+    """How many jobs of this multirun run at once: the joblib launcher's `n_jobs` (-1: one per core), else 1."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
+        return 1
+    launcher = HydraConfig.get().launcher
+    if "joblib" not in str(launcher.get("_target_", "")):
+        return 1
+    n_jobs = launcher.get("n_jobs") or 1
+    return (os.cpu_count() or 1) if n_jobs < 0 else n_jobs
+
+
+def cpu_ranks(cfg) -> int:
+    """Processes this job starts on the CPU: the strategy's `devices` when it trains on the CPU, else 1."""
+    import torch
+
+    devices = cfg.strategy.get("devices", 1)
+    on_cpu = cfg.trainer.get("accelerator") == "cpu" or not torch.cuda.is_available()
+    return devices if on_cpu and isinstance(devices, int) and devices > 0 else 1
+
+
 def job_command(local_rank: int) -> tuple[list[str], str]:
     """(command, cwd) that runs this Hydra job again as local rank `local_rank`, writing into the same folder."""
     from hydra.core.hydra_config import HydraConfig

@@ -22,12 +22,12 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
 from safety_lab.artifacts import ArtifactStore, write_json_atomic
-from safety_lab.config import ModelKind
+from safety_lab.config import ModelKind, check_values
 from safety_lab.data.batching import ResumeState, global_batch_loader
 from safety_lab.data.collate import TokenizedExamples
 from safety_lab.data.sources import load_examples, load_suites
 from safety_lab.data.template import PromptTemplate
-from safety_lab.distributed import is_rank_zero
+from safety_lab.distributed import is_rank_zero, job_threads
 from safety_lab.errors import SafetyLabError
 from safety_lab.eval.evaluate import evaluate, results_table
 from safety_lab.eval.judges import build_judge
@@ -45,7 +45,7 @@ log = logging.getLogger(__name__)
 for _name in ("lightning.pytorch", "lightning.fabric"):  # their banners ("GPU available: False", tips) add nothing
     logging.getLogger(_name).setLevel(logging.WARNING)
 # Model settings that do not change the synthetic base's weights (or only apply to real models).
-NOT_IN_BASE_RECIPE = ("template", "gradient_checkpointing", "compile_min_steps", "quantization")
+NOT_IN_BASE_RECIPE = ("template", "gradient_checkpointing", "compile_min_steps", "quantization", "allow_pickle")
 # Trainer settings that change nothing about the trained weights, so they stay out of recipes.
 COSMETIC = {"log_every_n_steps", "enable_checkpointing", "enable_model_summary", "enable_progress_bar",
             "num_sanity_val_steps"}
@@ -87,6 +87,29 @@ def compiled(model: torch.nn.Module, enabled: bool):
         torch.use_deterministic_algorithms(before[0], warn_only=before[1])
 
 
+class StopOnNonFinite(L.Callback):
+    """Ends a fit with one line naming the stage, the step and the loss as soon as the loss or a gradient is not
+    finite, so that a diverged model never reaches the store."""
+
+    def __init__(self, stage: str):
+        self.stage = stage
+
+    def fail(self, trainer, what: str):
+        loss = trainer.callback_metrics.get("train/loss")
+        raise SafetyLabError(f"{self.stage}: {what} is not finite at step {trainer.global_step} (last logged loss "
+                             f"{float(loss) if loss is not None else 'none'}); lower the learning rate")
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+        if loss is not None and not torch.isfinite(loss):
+            self.fail(trainer, f"the loss ({float(loss)})")
+
+    def on_before_optimizer_step(self, trainer, module, optimizer):
+        grads = [p.grad for p in module.parameters() if p.grad is not None]
+        if grads and not torch.isfinite(torch.stack(torch._foreach_norm(grads))).all():
+            self.fail(trainer, "a gradient")
+
+
 @dataclass
 class Context:
     """What every stage needs: the config, the store, the world, the prompt template, and how to train."""
@@ -118,7 +141,7 @@ class Context:
         cfg = self.cfg
         L.seed_everything(seed, workers=True, verbose=False)
         loader = global_batch_loader(data, batch_size, cfg.trainer.accumulate_grad_batches, seed)
-        callbacks, resume = [ResumeState(loader.sampler)], None
+        callbacks, resume = [ResumeState(loader.sampler), StopOnNonFinite(stage)], None
         checkpoints = self.store.checkpoints()
         if cfg.trainer.enable_checkpointing and checkpoints is not None:
             callbacks.append(ModelCheckpoint(dirpath=checkpoints / stage, save_last=True, save_top_k=0,
@@ -186,7 +209,8 @@ def resolve_base(ctx: Context):
             model, tokenizer = load_pretrained(folder, m.dtype, quantization=m.quantization)
             base_id = f"dequantised/{folder.name}"
         else:
-            model, tokenizer = load_pretrained(m.path, m.dtype, quantization=m.quantization)
+            model, tokenizer = load_pretrained(m.path, m.dtype, quantization=m.quantization,
+                                               allow_pickle=m.allow_pickle)
             base_id = str(m.path)
     else:
         def pretrain(folder: Path) -> dict:
@@ -212,6 +236,9 @@ def resolve_base(ctx: Context):
 
 
 def run(cfg: DictConfig) -> Path | None:
+    check_values(cfg)
+    torch.set_num_threads(job_threads(cfg))
+    log.info("%d intra-op threads", torch.get_num_threads())
     out = Path(cfg.paths.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     try:  # bad settings fail before any model loads
