@@ -14,15 +14,19 @@ import subprocess
 import sys
 import threading
 import time
+from email.utils import formatdate
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+import httpx
 import pytest
 
 from safety_lab.data.records import Probe
 from safety_lab.errors import SafetyLabError
 from safety_lab.eval.judges import build_judge
-from safety_lab.eval.llm_judge import JudgeAPIError, JudgementCache, last_tag, MalformedAnswer
+from safety_lab.eval.api_client import JudgeAPIError, MalformedAnswer, retry_after_seconds
+from safety_lab.eval.judgement_cache import JudgementCache
+from safety_lab.eval.llm_judge import last_tag
 from safety_lab.eval.metrics import preference_score, suite_metrics
 
 KEY = "sk-test-4f1c9a77-never-written-anywhere"
@@ -39,6 +43,7 @@ class ScriptedJudgeAPI:
         self.requests: list[dict] = []
         self.in_flight = self.max_in_flight = self.prompt_tokens = 0
         self.delay = 0.0
+        self.retry_after = "0"  # the Retry-After header of scripted failures
         self.lock = threading.Lock()
         api = self
 
@@ -49,7 +54,8 @@ class ScriptedJudgeAPI:
             def do_POST(self):
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 with api.lock:
-                    api.requests.append({"path": self.path, "auth": self.headers.get("Authorization"), **body})
+                    api.requests.append({"path": self.path, "auth": self.headers.get("Authorization"),
+                                         "at": time.monotonic(), **body})
                     fault = api.faults.pop(0) if api.faults else None
                     api.in_flight += 1
                     api.max_in_flight = max(api.max_in_flight, api.in_flight)
@@ -60,7 +66,8 @@ class ScriptedJudgeAPI:
                     if fault == "timeout":
                         time.sleep(3.0)  # the client gives up after 1.5 s
                     if (fault or "").isdigit() or "[fail]" in content:
-                        return self.reply(int(fault or 500), {"error": "scripted"}, {"Retry-After": "0"})
+                        return self.reply(int(fault or 500), {"error": "scripted"},
+                                          {"Retry-After": api.retry_after})
                     if fault == "badjson":
                         return self.reply(200, None)
                     answer = "I would rather not say." if fault == "malformed" else api.answer(content)
@@ -180,6 +187,48 @@ def test_unparseable_answers_are_retried_then_reported(api):
     api.faults = ["malformed"] * 3
     with pytest.raises(JudgeAPIError, match="after 3 attempts; last: malformed answer .*Score: <1|2|3|4|5>"):
         llm(api, max_retries=2).judge(*harmful([4]))
+
+
+def test_a_429_waits_at_least_what_retry_after_asks(api):
+    api.faults, api.retry_after = ["429"], "1"
+    assert llm(api, backoff=0.01).judge(*harmful([4]))[0].score == 4
+    first, second = api.requests
+    assert second["at"] - first["at"] >= 1.0  # the backoff alone would have waited at most 0.01 s
+
+
+def test_retry_after_reads_seconds_and_http_dates():
+    assert retry_after_seconds("2.5") == 2.5 and retry_after_seconds(None) == 0.0
+    assert retry_after_seconds("soon") == 0.0 and retry_after_seconds("-3") == 0.0
+    assert retry_after_seconds("Wed, 21 Oct 2015 07:28:00 GMT") == 0.0  # in the past
+    assert 3590 < retry_after_seconds(formatdate(time.time() + 3600, usegmt=True)) <= 3600
+
+
+def test_changing_any_sampling_parameter_misses_the_cache(api, tmp_path):
+    cache = str(tmp_path / "c.sqlite")
+    probes, responses = harmful([3])
+    for settings, asked in [({}, 1), ({}, 1), ({"temperature": 0.7}, 2), ({"max_tokens": 64}, 3),
+                            ({"model": "another-judge"}, 4), ({"temperature": 0.0, "max_tokens": 512}, 4)]:
+        assert llm(api, cache=cache, **settings).judge(probes, responses)[0].score == 3
+        assert len(api.requests) == asked, settings
+    assert [(r["model"], r["temperature"], r["max_tokens"]) for r in api.requests] == [
+        ("judge-model", 0.0, 512), ("judge-model", 0.7, 512), ("judge-model", 0.0, 64), ("another-judge", 0.0, 512)]
+
+
+def test_the_http_client_is_closed_after_use(api, monkeypatch):
+    clients = []
+
+    class Recorded(httpx.Client):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            clients.append(self)
+
+    monkeypatch.setattr(httpx, "Client", Recorded)
+    judge = llm(api)
+    judge.judge(*harmful([1, 2, 3]))
+    api.faults = ["404"]
+    with pytest.raises(JudgeAPIError):
+        judge.judge(*harmful([4]))
+    assert len(clients) == 2 and all(client.is_closed for client in clients)
 
 
 def test_errors_that_retrying_cannot_fix_fail_at_once(api, monkeypatch):

@@ -17,7 +17,7 @@ import torch
 
 from safety_lab.data.records import Probe
 from safety_lab.eval.generate import generate
-from safety_lab.eval.judges import Judge, Judgement, _check_lengths, register
+from safety_lab.eval.judges import Judge, Judgement, check_lengths, register
 
 
 @register
@@ -89,7 +89,7 @@ class ClassifierJudge(Judge):
         return labels
 
     def judge(self, probes: list[Probe], responses: list[str]) -> list[Judgement]:
-        _check_lengths(probes, responses)
+        check_lengths(probes, responses)
         if not probes:
             return []
         return [Judgement(None, None if label == "invalid" else label == "unsafe", label=label)

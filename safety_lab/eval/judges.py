@@ -33,7 +33,7 @@ class Judge(ABC):
     def judge(self, probes: list[Probe], responses: list[str]) -> list[Judgement]: ...
 
 
-def _check_lengths(probes: list[Probe], responses: list[str]) -> None:
+def check_lengths(probes: list[Probe], responses: list[str]) -> None:
     if len(probes) != len(responses):
         raise ValueError(f"{len(probes)} probes but {len(responses)} responses")
 
@@ -55,7 +55,7 @@ class ExactJudge(Judge):
         self.refusal = refusal
 
     def judge(self, probes: list[Probe], responses: list[str]) -> list[Judgement]:
-        _check_lengths(probes, responses)
+        check_lengths(probes, responses)
         judgements = []
         for probe, response in zip(probes, responses):
             words = response.split()
@@ -104,7 +104,7 @@ class KeywordJudge(Judge):
         return any(k in text for k in self.keywords)
 
     def judge(self, probes: list[Probe], responses: list[str]) -> list[Judgement]:
-        _check_lengths(probes, responses)
+        check_lengths(probes, responses)
         return [Judgement(refused, not refused) for refused in map(self.is_refusal, responses)]
 
 
