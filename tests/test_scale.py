@@ -136,9 +136,11 @@ def test_one_fsdp_unit_per_decoder_layer_also_under_lora():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="FSDP1 (Lightning's FSDPStrategy) needs a GPU")
-@pytest.mark.parametrize("strategy", ["fsdp1_full_shard", "fsdp1_shard_grad_op", "fsdp"])
+@pytest.mark.parametrize("strategy", [["strategy=fsdp1"],
+                                      ["strategy=fsdp1", "strategy.strategy.sharding_strategy=SHARD_GRAD_OP"],
+                                      ["strategy=fsdp"]], ids=["fsdp1", "fsdp1_shard_grad_op", "fsdp"])
 def test_sharded_strategies_on_gpu(strategy, tmp_path):
-    result = cli(*FAST, f"strategy={strategy}", "strategy.devices=1", "trainer.precision=bf16-mixed",
+    result = cli(*FAST, *strategy, "strategy.devices=1", "trainer.precision=bf16-mixed",
                  f"hydra.run.dir={tmp_path}/run", store=tmp_path / "store", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert json.loads((tmp_path / "run" / "metrics.json").read_text())["harmful/refusal_rate"] >= 0
