@@ -125,10 +125,10 @@ def test_a_fit_outside_a_store_build_writes_no_checkpoint(tmp_path):
 # ---- FSDP wrapping rule ----------------------------------------------------------------------------------------
 def test_one_fsdp_unit_per_decoder_layer_also_under_lora():
     from safety_lab.models.lora import attach_lora
-    from safety_lab.models.sharding import DecoderLayerPolicy, decoder_layers
+    from safety_lab.models.sharding import DecoderLayerPolicy, no_split_layers
 
     model = attach_lora(build_tiny_llama(50), r=4, alpha=8)
-    assert [type(m).__name__ for m in decoder_layers(model)] == ["LlamaDecoderLayer"] * 2
+    assert [type(m).__name__ for m in no_split_layers(model)] == ["LlamaDecoderLayer"] * 2
     policy = DecoderLayerPolicy()
     wrapped = [name for name, m in model.named_modules() if policy(m, recurse=False)]
     assert wrapped == ["base_model.model.model.layers.0", "base_model.model.model.layers.1"]

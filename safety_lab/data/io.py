@@ -30,7 +30,7 @@ class DataError(SafetyLabError, ValueError):
         super().__init__(" ".join(str(message).splitlines()))
 
 
-def _type_name(value: Any) -> str:
+def type_name(value: Any) -> str:
     if value is None:
         return "null"
     return {bool: "boolean", int: "number", float: "number", str: "string", dict: "object"}.get(
@@ -70,7 +70,7 @@ def read_rows(path: str | Path) -> list[dict]:
     return rows
 
 
-def _read_jsonl(path: Path) -> list[dict]:
+def read_jsonl(path: Path) -> list[dict]:
     rows = []
     for lineno, line in enumerate(read_text(path).split("\n"), 1):
         if not line.strip():
@@ -80,7 +80,7 @@ def _read_jsonl(path: Path) -> list[dict]:
         except json.JSONDecodeError as e:
             raise DataError(f"{path}:{lineno}: malformed JSON: {e.msg} (column {e.colno})") from None
         if not isinstance(row, dict):
-            raise DataError(f"{path}:{lineno}: expected a JSON object, got {_type_name(row)}")
+            raise DataError(f"{path}:{lineno}: expected a JSON object, got {type_name(row)}")
         rows.append(row)
     return rows
 
@@ -93,11 +93,11 @@ def _read_json(path: Path) -> list[dict]:
     if isinstance(data, dict) and isinstance(data.get("data"), list):
         data = data["data"]
     if not isinstance(data, list):
-        found = f"an object with keys {', '.join(data)}" if isinstance(data, dict) else _type_name(data)
+        found = f"an object with keys {', '.join(data)}" if isinstance(data, dict) else type_name(data)
         raise DataError(f'{path}: expected a list of objects or {{"data": [...]}}, got {found}')
     for i, row in enumerate(data, 1):
         if not isinstance(row, dict):
-            raise DataError(f"{path}: item {i}: expected a JSON object, got {_type_name(row)}")
+            raise DataError(f"{path}: item {i}: expected a JSON object, got {type_name(row)}")
     return data
 
 
@@ -126,7 +126,7 @@ def _read_parquet(path: Path) -> list[dict]:
         raise DataError(f"{path}: not a readable Parquet file: {e}") from None
 
 
-_READERS = {".jsonl": _read_jsonl, ".json": _read_json, ".csv": _read_csv, ".parquet": _read_parquet}
+_READERS = {".jsonl": read_jsonl, ".json": _read_json, ".csv": _read_csv, ".parquet": _read_parquet}
 
 
 def load_hf_dataset(name_or_path: str, split: str = "train") -> list[dict]:
@@ -148,7 +148,7 @@ def _rows(rows: Iterable[Any], source: str) -> Iterable[tuple[str, dict]]:
     for i, row in enumerate(rows, 1):
         where = f"{source}: row {i}" if source else f"row {i}"
         if not isinstance(row, dict):
-            raise DataError(f"{where}: expected a mapping of fields, got {_type_name(row)}")
+            raise DataError(f"{where}: expected a mapping of fields, got {type_name(row)}")
         yield where, row
 
 
@@ -157,18 +157,18 @@ def _field(row: dict, key: str, where: str) -> str:
         raise DataError(f"{where}: missing field {key!r} (fields: {', '.join(map(str, row))})")
     value = row[key]
     if not isinstance(value, str):
-        raise DataError(f"{where}: field {key!r} must be a string, got {_type_name(value)}")
+        raise DataError(f"{where}: field {key!r} must be a string, got {type_name(value)}")
     return value
 
 
 def _chat(messages: Any, where: str) -> Example:
     if not isinstance(messages, list):
-        raise DataError(f"{where}: field 'messages' must be a list of turns, got {_type_name(messages)}")
+        raise DataError(f"{where}: field 'messages' must be a list of turns, got {type_name(messages)}")
     turns = []
     for j, turn in enumerate(messages):
         at = f"{where}: messages[{j}]"
         if not isinstance(turn, dict):
-            raise DataError(f"{at}: expected an object with role and content, got {_type_name(turn)}")
+            raise DataError(f"{at}: expected an object with role and content, got {type_name(turn)}")
         role, content = _field(turn, "role", at), _field(turn, "content", at)
         if role not in CHAT_ROLES:
             raise DataError(f"{at}: unknown role {role!r} (expected one of {', '.join(CHAT_ROLES)})")

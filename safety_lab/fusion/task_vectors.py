@@ -6,8 +6,6 @@ Factor space (SOMF's choice): the adapter's own `lora_A` / `lora_B` tensors, for
 """
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 from peft import PeftModel
 from peft.tuners.lora import LoraLayer
@@ -36,15 +34,6 @@ def lora_factors(model: PeftModel, adapter: str = "default") -> dict[str, torch.
             factors[f"{base}.lora_A"] = module.lora_A[adapter].weight.detach().float().clone()
             factors[f"{base}.lora_B"] = module.lora_B[adapter].weight.detach().float().clone()
     return factors
-
-
-def adapter_task_vector(model, folder: Path) -> dict[str, torch.Tensor]:
-    """ΔW of a saved adapter on `model`, leaving `model` exactly as it was (the adapter is loaded, then unloaded)."""
-    peft_model = PeftModel.from_pretrained(model, str(folder), adapter_name="_task_vector")
-    try:
-        return lora_task_vector(peft_model, "_task_vector")
-    finally:
-        peft_model.unload()
 
 
 def full_task_vector(tuned: torch.nn.Module, base: torch.nn.Module) -> dict[str, torch.Tensor]:

@@ -38,8 +38,9 @@ def is_sharded(strategy) -> bool:
     return isinstance(strategy, (FSDPStrategy, ModelParallelStrategy))
 
 
-def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
-    """The model's decoder layers: modules whose class a Hugging Face model lists in `_no_split_modules`."""
+def no_split_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The modules whose class a Hugging Face model lists in `_no_split_modules`, its decoder layers in any
+    architecture: one FSDP unit each."""
     names = {name for m in model.modules() for name in (getattr(m, "_no_split_modules", None) or ())}
     return [m for m in model.modules() if type(m).__name__ in names]
 
@@ -70,7 +71,7 @@ def shard(lightning_module) -> None:
                "reshard_after_forward": strategy.reshard_after_forward,
                "mp_policy": MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32) if dtype
                else MixedPrecisionPolicy()}
-    for layer in decoder_layers(model):
+    for layer in no_split_layers(model):
         fully_shard(layer, **options)
     fully_shard(model, **options)
 
