@@ -1,4 +1,8 @@
-"""Turn `dataset` and `eval.suites` configs into records, from the synthetic world or from files / hub datasets."""
+"""Turn `dataset` and `eval.suites` configs into records, from the synthetic world or from files / hub datasets.
+
+It sits above both kinds of source, so imports run one way: `sources` → `data`, `worlds`; `worlds` → `data.records`;
+`data` imports neither.
+"""
 from __future__ import annotations
 
 from omegaconf import OmegaConf

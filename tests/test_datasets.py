@@ -12,7 +12,7 @@ from safety_lab.config import register
 from safety_lab.data.adapters import load_rows
 from safety_lab.data.io import DataError
 from safety_lab.data.records import Example, Preference
-from safety_lab.data.sources import load_examples, load_suites
+from safety_lab.sources import load_examples, load_suites
 
 REPO = Path(__file__).resolve().parents[1]
 FIX = Path(__file__).parent / "fixtures"
