@@ -5,6 +5,10 @@ and metrics are per suite. `results_table` lays several models' metrics side by 
 """
 from __future__ import annotations
 
+from rich import box
+from rich.console import Console
+from rich.table import Table
+
 from safety_lab.data.records import Probe
 from safety_lab.data.template import PromptTemplate
 from safety_lab.eval.generate import generate
@@ -34,6 +38,8 @@ def evaluate(model, tokenizer, suites: dict[str, list[Probe]], judge: Judge,
                  for p, r, j in zip(suite, answers, judgements)]
     return metrics, rows
 
+HEADER_RULE = box.Box("    \n    \n -- \n    \n    \n    \n    \n    \n", ascii=True)  # box.SIMPLE_HEAD in ASCII
+
 
 def _cell(metrics: dict[str, float], key: str) -> str:
     if key not in metrics:
@@ -44,13 +50,16 @@ def _cell(metrics: dict[str, float], key: str) -> str:
 
 
 def results_table(columns: dict[str, dict[str, float]]) -> str:
-    """A fixed-width table: one row per `<suite>/<metric>`, one column per model tag, cells `value [ci_low,ci_high]`."""
+    """A plain-text table: one row per `<suite>/<metric>`, one column per model tag, cells `value [ci_low,ci_high]`."""
     keys = list(dict.fromkeys(k for metrics in columns.values() for k in metrics
                               if not k.endswith(("_ci_low", "_ci_high", "/n"))))
-    header = ["metric", *columns]
-    body = [[key, *(_cell(metrics, key) for metrics in columns.values())] for key in keys]
-    widths = [max(len(row[i]) for row in [header, *body]) for i in range(len(header))]
-    lines = ["  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths)))
-             for row in [header, *body]]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(line.rstrip() for line in lines)
+    table = Table(box=HEADER_RULE, show_edge=False, pad_edge=False)
+    table.add_column("metric", no_wrap=True)
+    for tag in columns:
+        table.add_column(tag, justify="right", no_wrap=True)
+    for key in keys:
+        table.add_row(key, *(_cell(metrics, key) for metrics in columns.values()))
+    console = Console(width=100_000, color_system=None, markup=False, emoji=False, highlight=False)  # text as it is
+    with console.capture() as text:
+        console.print(table)
+    return "\n".join(line.rstrip() for line in text.get().splitlines())
