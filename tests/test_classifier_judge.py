@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import build_tiny_tokenizer
 
 from safety_lab.data.records import Probe
 from safety_lab.eval.judges import build_judge
-from conftest import build_tiny_tokenizer
 
 HARMFUL = ["sure here is how to pick a strong password and steal it", "mix flour water salt and yeast then let it rise"]
 REFUSALS = ["i can not help with that request", "a model should refuse harmful requests politely"]

@@ -6,8 +6,8 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from safety_lab.data.template import PromptTemplate
 from safety_lab.data.records import Probe
+from safety_lab.data.template import PromptTemplate
 from safety_lab.eval.evaluate import evaluate, results_table
 from safety_lab.eval.generate import generate
 from safety_lab.eval.judges import ExactJudge, Judgement, KeywordJudge, build_judge
@@ -222,8 +222,8 @@ def test_evaluate_end_to_end(world, model, tokenizer):
     assert [r["prompt"] for r in rows] == [p.prompt for p in probes]  # the raw prompt, not the templated one
     assert [r["target"] for r in rows] == [p.target for p in probes]
     # the responses are the model's answers to the templated prompts, in the probes' order
-    assert [r["response"] for r in rows] == generate(model, tokenizer, [template.render(tokenizer, p.prompt) for p in probes], 6,
-                                                     progress=False)
+    templated = [template.render(tokenizer, p.prompt) for p in probes]
+    assert [r["response"] for r in rows] == generate(model, tokenizer, templated, 6, progress=False)
     # judgements and metrics recomputed from the rows
     for r in rows:
         assert r["refused"] == (r["response"].split()[:1] == ["refuse"])

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import build_tiny_llama
 from peft.utils import merge_utils
 
 from safety_lab.config import register
@@ -16,7 +17,6 @@ from safety_lab.fusion import merges as M
 from safety_lab.fusion.apply import FusedModel, fusion_weights, stage_input
 from safety_lab.fusion.task_vectors import lora_factors, lora_task_vector
 from safety_lab.models.lora import attach_lora
-from conftest import build_tiny_llama
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -132,7 +132,8 @@ def test_merges_against_hand_computations():
     # DARE with no drop is task arithmetic; with drop, survivors are rescaled by 1/(1-p)
     assert torch.equal(M.dare([t, s], [1.0, 1.0], drop_rate=0.0)["w"], t["w"] + s["w"])
     dropped = M.dare([{"w": torch.ones(1000)}], [1.0], drop_rate=0.3, seed=0)["w"]
-    assert torch.allclose(dropped.unique(), torch.tensor([0.0, 1 / 0.7])) and abs((dropped > 0).float().mean() - 0.7) < 0.05
+    assert torch.allclose(dropped.unique(), torch.tensor([0.0, 1 / 0.7]))
+    assert abs((dropped > 0).float().mean() - 0.7) < 0.05
 
 
 def test_lora_linear_hand_computation():
@@ -209,7 +210,10 @@ def test_registry_checks_name_the_problem(merge, inputs, weight, args, message):
     M.MERGES["lora_weighted"].check(["task", "safety"], 1.5, {"keep_task": True})  # keep_task: any λ ≥ 0
 
 
-@pytest.mark.parametrize("option", sorted(p.stem for p in (REPO / "conf" / "fusion").glob("*.yaml") if p.stem != "none"))
+FUSION_OPTIONS = sorted(p.stem for p in (REPO / "conf" / "fusion").glob("*.yaml") if p.stem != "none")
+
+
+@pytest.mark.parametrize("option", FUSION_OPTIONS)
 def test_every_fusion_config_names_a_merge_its_inputs_and_arguments_fit(option):
     from hydra import compose, initialize_config_dir
 

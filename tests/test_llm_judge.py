@@ -23,9 +23,9 @@ import pytest
 
 from safety_lab.data.records import Probe
 from safety_lab.errors import SafetyLabError
-from safety_lab.eval.judges import build_judge
 from safety_lab.eval.api_client import JudgeAPIError, MalformedAnswer, retry_after_seconds
 from safety_lab.eval.judgement_cache import JudgementCache
+from safety_lab.eval.judges import build_judge
 from safety_lab.eval.llm_judge import last_tag
 from safety_lab.eval.metrics import preference_score, suite_metrics
 

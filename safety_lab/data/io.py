@@ -11,9 +11,10 @@ from __future__ import annotations
 import codecs
 import csv
 import json
+from collections.abc import Iterable
 from io import StringIO
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from safety_lab.data.records import Example, Preference, Probe
 from safety_lab.errors import SafetyLabError

@@ -18,8 +18,9 @@ Conventions worth knowing (peers.md §2.5–2.7, seeds.md §1.6–1.7, §3.4):
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Literal, Sequence
+from typing import Literal
 
 import torch
 

@@ -1,4 +1,4 @@
-"""LoRA adapters through peft: attach for training (or full fine-tuning), save as safetensors, load onto a base model."""
+"""LoRA adapters through peft: attach for training (or full fine-tuning), save as safetensors, load onto a base."""
 from __future__ import annotations
 
 from pathlib import Path

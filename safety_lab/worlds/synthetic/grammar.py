@@ -27,7 +27,7 @@ class Grammar:
     @classmethod
     def generate(cls, letters: tuple[str, ...], n_marked: int, seed: int,
                  n_neutral_pre: int = 6, n_marked_pre: int = 3,
-                 n_safe_concepts: int = 4, n_unsafe_concepts: int = 3) -> "Grammar":
+                 n_safe_concepts: int = 4, n_unsafe_concepts: int = 3) -> Grammar:
         if not 0 < n_marked < len(letters) - 1:
             raise ValueError(f"n_marked must be in [1, {len(letters) - 2}], got {n_marked}")
         rng = random.Random(seed)

@@ -8,8 +8,8 @@ suites bend exactly one of those rules.
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from dataclasses import replace
-from typing import Callable
 
 from safety_lab.data.records import Example, Preference, Probe
 from safety_lab.worlds.synthetic.world import AFFIRM, NULL_OP, OBEY, REFUSAL, Task, World

@@ -58,16 +58,16 @@ class Task:
 
 
 class World:
-    def __init__(self, spec: WorldSpec = WorldSpec()):
-        self.spec = spec
-        s = spec
+    def __init__(self, spec: WorldSpec | None = None):
+        self.spec = s = spec or WorldSpec()
         self.ops = tuple(f"f{i}" for i in range(s.n_ops))
         self.unsafe_ops = frozenset(self.ops[1:1 + s.n_unsafe_ops])
         self.conditional_ops = frozenset(self.ops[1 + s.n_unsafe_ops:1 + s.n_unsafe_ops + s.n_conditional_ops])
         self.safe_ops = frozenset(self.ops) - self.unsafe_ops - self.conditional_ops
         safe_non_identity = sorted(self.safe_ops - {self.ops[0]})
         # one alias per class: never used by safety data, so they probe mismatched generalisation
-        self.duplicates = {"dup1": min(self.unsafe_ops), "dup2": min(self.conditional_ops), "dup3": safe_non_identity[0]}
+        self.duplicates = {"dup1": min(self.unsafe_ops), "dup2": min(self.conditional_ops),
+                           "dup3": safe_non_identity[0]}
         self.alphabets = tuple(self._alphabet(lang) for lang in range(s.languages))
         self.grammars = tuple(Grammar.generate(a, s.n_marked, seed=s.seed * 7919 + lang)
                               for lang, a in enumerate(self.alphabets))
