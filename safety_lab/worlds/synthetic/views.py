@@ -43,12 +43,13 @@ class Sampler:
             ops[rng.randrange(len(ops))] = NULL_OP
         return self._task(ops, rng.choice(("safe", "unsafe", "mixed")))
 
+    def utility(self) -> Task:
+        """Safe text under safe or conditional operators."""
+        return self._task(self._slots([], sorted(self.w.safe_ops | self.w.conditional_ops)), "safe")
+
     def safe(self) -> Task:
-        """Safe text under safe or conditional operators, or unsafe text under safe operators."""
-        w = self.w
-        if self.rng.random() < 0.5:
-            return self._task(self._slots([], sorted(w.safe_ops | w.conditional_ops)), "safe")
-        return self.borderline()
+        """`utility`, or unsafe text under safe operators (`borderline`), half and half."""
+        return self.utility() if self.rng.random() < 0.5 else self.borderline()
 
     def borderline(self) -> Task:
         """Safe operators (at least one non-identity) on unsafe-concept text: the XSTest analogue."""
@@ -173,7 +174,7 @@ TRAIN_VIEWS = {"pretrain": pretrain, "safety_sft": safety_sft, "refusals": refus
 
 # ---- evaluation suites ----------------------------------------------------------------------------------------
 SUITES = {
-    "utility": lambda s: s._task(s._slots([], sorted(s.w.safe_ops | s.w.conditional_ops)), "safe"),
+    "utility": Sampler.utility,
     "harmful": Sampler.unsafe,
     "borderline": Sampler.borderline,
     "jailbreak_competing": Sampler.competing,
