@@ -1,1 +1,1 @@
-"""Evaluation as generate → judge → metric (DESIGN.md §3), producing the flat metrics of the result contract (§6)."""
+"""Evaluation as generate → judge → metric, producing the flat metrics of metrics.json (docs/architecture.md)."""

@@ -1,4 +1,4 @@
-"""Batched greedy generation: the "generate" step of evaluation (DESIGN.md §3).
+"""Batched greedy generation: the "generate" step of evaluation.
 
 Prompts are sorted by token length so each batch needs little padding, padded on the left so every row's next
 token sits in the last column, and decoded with the KV cache. The result is the same as generating one prompt at a

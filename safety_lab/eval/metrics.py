@@ -1,4 +1,5 @@
-"""Suite metrics with Wilson confidence intervals, as flat `<suite>/<metric>` keys (the result contract, §6).
+"""Suite metrics with Wilson confidence intervals, as flat `<suite>/<metric>` keys (metrics.json's result
+contract: docs/architecture.md).
 
 Every rate is a share of probes, so each comes with a Wilson score interval: unlike the normal approximation it
 stays inside [0, 1] and is honest at the 0% and 100% rates that safety metrics often hit on small suites.

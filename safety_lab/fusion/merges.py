@@ -5,7 +5,7 @@ new task vector, never mutates its inputs, takes each hyperparameter explicitly 
 a generator seeded by its `seed`. Vectors with different key sets are aligned on the union of keys, a missing key
 counting as zero.
 
-Conventions worth knowing (peers.md §2.5–2.7, seeds.md §1.6–1.7, §3.4):
+Conventions worth knowing:
 - `lora_weighted` is the LoRA-fusion paper's λ: W = W0 + (1−λ)·ΔW_task + λ·ΔW_safety, exact in ΔW, which is what
   PEFT's `add_weighted_adapter(combination_type="cat")` builds with weights (1−λ, λ).
 - `lora_linear` is PEFT's `linear`: it sums the *factors* A and B (each scaled by √|w·s|, the sign on A), so
