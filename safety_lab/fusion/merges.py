@@ -13,6 +13,13 @@ Conventions worth knowing:
   kept for comparison, never the default.
 - `ties` and `dare` follow `peft.utils.merge_utils` exactly (per-tensor top-k, sign elected on the unweighted
   trimmed tensors, weights applied before the disjoint mean), plus SOMF's options: global top-k and disjoint sum.
+  `ties(weighting="mergekit")` is mergekit's convention instead (weights applied before the sign election, the mean
+  divided by the summed weights of the agreeing entries); PEFT's stays the default. Magnitude trimming keeps at
+  least one entry of a tensor with fewer than 1/density entries, as mergekit does (PEFT zeroes it).
+- `della`, `breadcrumbs`, `model_stock` and `slerp` equal mergekit's merges of the same name on task vectors
+  (tests/test_merges.py), with its defaults, except where mergekit fails or zeroes: Breadcrumbs keeps at least one
+  entry, a DELLA row of one entry is kept with probability density − ε. mergekit's `slerp` interpolates full weights
+  W0 + τ; here, as every merge sees only task vectors, `slerp` interpolates the two task vectors.
 - `safe_lora` uses Safe LoRA's C = V·Vᵀ/‖V‖_F (V the aligned-minus-unaligned weights), as its paper and code do.
 """
 from __future__ import annotations
@@ -76,29 +83,33 @@ def lora_linear(task: TaskVector, safety: TaskVector, scalings: tuple[float, flo
     return out
 
 
-def _magnitude_mask(stacked: torch.Tensor, density: float) -> torch.Tensor:
-    """1 on the top `density` share of |entries| of each row (one task vector per row), 0 elsewhere."""
+def _magnitude_mask(stacked: torch.Tensor, density: float, gamma: float = 0.0) -> torch.Tensor:
+    """1 on the top `density` share of |entries| of each row (one task vector per row; at least one entry, as
+    mergekit keeps), after skipping its `gamma` share of largest ones as far as `density` leaves room (Breadcrumbs'
+    outliers), 0 elsewhere."""
     flat = stacked.reshape(stacked.shape[0], -1)
-    mask = torch.zeros_like(flat)
-    k = int(density * flat.shape[1])
+    mask, n = torch.zeros_like(flat), flat.shape[1]
+    k = min(n, max(1, int(density * n)))
+    skip = min(int(gamma * n), n - k)
     for i in range(flat.shape[0]):
-        mask[i, torch.topk(flat[i].abs(), k=k, largest=True).indices] = 1
+        mask[i, torch.topk(flat[i].abs(), k=skip + k, largest=True).indices[skip:]] = 1
     return mask.reshape(stacked.shape)
 
 
-def _trimmed(vectors: Sequence[TaskVector], density: float, scope: str) -> dict[str, torch.Tensor]:
-    """Stacked task vectors per key, each keeping its top `density` share by magnitude — per tensor, or across all
-    of its tensors at once (`scope="global"`, SOMF's TIES)."""
+def _trimmed(vectors: Sequence[TaskVector], density: float, scope: str,
+             gamma: float = 0.0) -> dict[str, torch.Tensor]:
+    """Stacked task vectors per key, each keeping its top `density` share by magnitude (less its top `gamma`
+    share) — per tensor, or across all of its tensors at once (`scope="global"`, SOMF's TIES)."""
     keys = _keys(vectors)
     stacks = {k: _stack(vectors, k) for k in keys}
     if density >= 1:
         return stacks
     if scope == "tensor":
-        return {k: s * _magnitude_mask(s, density) for k, s in stacks.items()}
+        return {k: s * _magnitude_mask(s, density, gamma) for k, s in stacks.items()}
     if scope != "global":
         raise ValueError(f"scope must be 'tensor' or 'global', got {scope!r}")
     flat = torch.cat([s.reshape(s.shape[0], -1) for s in stacks.values()], dim=1)
-    mask, start, out = _magnitude_mask(flat, density), 0, {}
+    mask, start, out = _magnitude_mask(flat, density, gamma), 0, {}
     for k, s in stacks.items():
         size = s[0].numel()
         out[k] = s * mask[:, start:start + size].reshape(s.shape)
@@ -106,30 +117,41 @@ def _trimmed(vectors: Sequence[TaskVector], density: float, scope: str) -> dict[
     return out
 
 
-def _elect_and_merge(stacked: torch.Tensor, weights: Sequence[float], majority: str, disjoint: str) -> torch.Tensor:
-    """TIES' sign election (on the unweighted vectors) and disjoint mean or sum of the weighted agreeing entries."""
+def _elect_and_merge(stacked: torch.Tensor, weights: Sequence[float], majority: str, disjoint: str,
+                     weighting: str = "peft") -> torch.Tensor:
+    """TIES' sign election and disjoint mean or sum of the weighted agreeing entries. `weighting="peft"`: the sign
+    is elected on the unweighted vectors and the mean divides by the number of agreeing entries; `"mergekit"`: on
+    the weighted vectors, and the mean divides by the summed weights of the agreeing entries (0 → 1)."""
+    w = _weights(stacked, weights)
+    if weighting not in ("peft", "mergekit"):
+        raise ValueError(f"weighting must be 'peft' or 'mergekit', got {weighting!r}")
+    voters = stacked * w if weighting == "mergekit" else stacked
     if majority == "total":
-        magnitude = stacked.sum(0)
+        magnitude = voters.sum(0)
     elif majority == "frequency":
-        magnitude = stacked.sign().sum(0)
+        magnitude = voters.sign().sum(0)
     else:
         raise ValueError(f"majority must be 'total' or 'frequency', got {majority!r}")
-    agree = stacked.sign() == torch.where(magnitude >= 0, 1.0, -1.0)
-    merged = (stacked * _weights(stacked, weights) * agree).sum(0)
+    agree = voters.sign() == torch.where(magnitude >= 0, 1.0, -1.0)
+    merged = (stacked * w * agree).sum(0)
     if disjoint == "sum":
         return merged
     if disjoint != "mean":
         raise ValueError(f"disjoint must be 'mean' or 'sum', got {disjoint!r}")
-    return merged / agree.sum(0).clamp(min=1)
+    if weighting == "peft":
+        return merged / agree.sum(0).clamp(min=1)
+    divisor = (w * agree).sum(0)
+    return merged / torch.where(divisor == 0, 1.0, divisor)
 
 
 def ties(vectors: Sequence[TaskVector], weights: Sequence[float], density: float = 0.2, scale: float = 1.0,
          majority: Literal["total", "frequency"] = "total", disjoint: Literal["mean", "sum"] = "mean",
-         scope: Literal["tensor", "global"] = "tensor") -> TaskVector:
+         scope: Literal["tensor", "global"] = "tensor", weighting: Literal["peft", "mergekit"] = "peft") -> TaskVector:
     """TIES: trim each vector to its top `density` by magnitude, elect a sign per entry, merge the agreeing
-    entries (mean or sum), times `scale` (SOMF: density 0.2, global scope, sum, scale 0.4)."""
+    entries (mean or sum), times `scale` (SOMF: density 0.2, global scope, sum, scale 0.4). `weighting` (default
+    "peft"; "mergekit": mergekit's `ties`) says where the weights enter, see `_elect_and_merge`."""
     _check_rate("density", density, low_open=True)
-    return {k: scale * _elect_and_merge(s, weights, majority, disjoint)
+    return {k: scale * _elect_and_merge(s, weights, majority, disjoint, weighting)
             for k, s in _trimmed(vectors, density, scope).items()}
 
 
@@ -190,6 +212,105 @@ def safe_lora(task: TaskVector, aligned: TaskVector, threshold: float | None = 0
     return {k: projected[k] if k in chosen else delta.float().clone() for k, delta in task.items()}, cosines
 
 
+def _l1_rescaled(kept: torch.Tensor, original: torch.Tensor) -> torch.Tensor:
+    """`kept` scaled to the L1 norm of `original` (mergekit's `rescale`), unless either norm is below 1e-7."""
+    before, after = original.abs().sum(), kept.abs().sum()
+    return kept if before < 1e-7 or after < 1e-7 else kept * (before / after)
+
+
+def _check_breadcrumbs(density: float, gamma: float, **_) -> None:
+    _check_rate("density", density, low_open=True)
+    _check_rate("gamma", gamma, low_open=False)
+
+
+def breadcrumbs(vectors: Sequence[TaskVector], weights: Sequence[float], density: float = 0.9, gamma: float = 0.01,
+                scale: float = 1.0, rescale: bool = False) -> TaskVector:
+    """Model Breadcrumbs (Davari & Belilovsky 2023), as mergekit's `breadcrumbs`: each vector keeps, per tensor, the
+    `density` share of entries just below its `gamma` share of largest |entries| (the paper's β), optionally
+    rescaled to its L1 norm; then scale·Σ_i w_i·τ_i."""
+    _check_breadcrumbs(density, gamma)
+    out = {}
+    for k, s in _trimmed(vectors, density, "tensor", gamma).items():
+        if rescale:
+            s = torch.stack([_l1_rescaled(kept, row) for kept, row in zip(s, _stack(vectors, k))])
+        out[k] = scale * (s * _weights(s, weights)).sum(0)
+    return out
+
+
+def _check_della(density: float, epsilon: float, **_) -> None:
+    _check_rate("density", density, low_open=True)
+    if density < 1 and not (0 < density - epsilon and density + epsilon < 1):
+        raise ValueError(f"epsilon={epsilon}: density ± epsilon must lie in (0, 1) (density={density})")
+
+
+def _magprune(tensor: torch.Tensor, density: float, epsilon: float, rescale: bool,
+              generator: torch.Generator) -> torch.Tensor:
+    """DELLA's MAGPRUNE as mergekit's `della_magprune`: each entry kept with probability density − ε + 2ε·r, r its
+    magnitude rank along dim 1 (a 1-d tensor: its only row) scaled to [0, 1]; survivors L1-rescaled (`rescale`)."""
+    if density >= 1:
+        return tensor
+    rows = tensor if tensor.dim() >= 2 else tensor.unsqueeze(0)
+    ranks = torch.argsort(rows.abs(), dim=1, descending=False).argsort(dim=1).float() + 1
+    rank_norm = (ranks - 1) / max(rows.shape[1] - 1, 1)  # one entry per row (mergekit: NaN): density − ε
+    probs = (density - epsilon) + rank_norm * 2 * epsilon
+    kept = rows * torch.bernoulli(probs, generator=generator)
+    return (_l1_rescaled(kept, rows) if rescale else kept).reshape(tensor.shape)
+
+
+def della(vectors: Sequence[TaskVector], weights: Sequence[float], density: float = 0.7, epsilon: float = 0.15,
+          scale: float = 1.0, rescale: bool = True, majority: Literal["total", "frequency"] = "total",
+          disjoint: Literal["mean", "sum"] = "mean", seed: int = 0) -> TaskVector:
+    """DELLA (Deep et al. 2024), as mergekit's `della`: MAGPRUNE each vector (`_magprune`, drawn key by key and
+    vector by vector from one generator seeded `seed`), then TIES' election on the weighted vectors and
+    scale·Σ_i w_i·τ_i over agreeing entries / Σ_i w_i over them (`disjoint="sum"`: not divided)."""
+    _check_della(density, epsilon)
+    generator = torch.Generator().manual_seed(seed)
+    out = {}
+    for k in _keys(vectors):
+        s = torch.stack([_magprune(row, density, epsilon, rescale, generator) for row in _stack(vectors, k)])
+        out[k] = scale * _elect_and_merge(s, weights, majority, disjoint, weighting="mergekit")
+    return out
+
+
+def model_stock(vectors: Sequence[TaskVector], scale: float = 1.0, filter_wise: bool = False) -> TaskVector:
+    """Model Stock (Jang et al. 2024), as mergekit's `model_stock`: t·mean_i τ_i with t = k·cos θ / (1 + (k−1)·cos θ),
+    cos θ the mean pairwise cosine of the k ≥ 2 task vectors, per tensor (or per row: `filter_wise`); t = 0 where
+    |1 + (k−1)·cos θ| < 1e-6; times `scale`."""
+    if len(vectors) < 2:
+        raise ValueError(f"model_stock needs at least 2 task vectors, got {len(vectors)}")
+    out, k = {}, len(vectors)
+    for key in _keys(vectors):
+        s = _stack(vectors, key)
+        rows = s.reshape(k, -1) if not filter_wise else s.unsqueeze(1) if s.dim() == 2 else s
+        cos = torch.stack([((a * b).sum(-1) / (torch.norm(a, dim=-1) * torch.norm(b, dim=-1)).clamp(min=1e-6))
+                           .clamp(-1, 1) for i, a in enumerate(rows) for b in rows[i + 1:]]).mean(0).unsqueeze(-1)
+        denominator = 1 + (k - 1) * cos
+        singular = denominator.abs() < 1e-6
+        t = torch.where(singular, 0.0, k * cos / torch.where(singular, 1.0, denominator))
+        out[key] = scale * (t * rows.mean(0)).reshape(s.shape[1:])
+    return out
+
+
+def slerp(first: TaskVector, second: TaskVector, t: float, dot_threshold: float = 0.9995,
+          eps: float = 1e-8) -> TaskVector:
+    """SLERP from `first` (t = 0) to `second` (t = 1), tensor by tensor as mergekit's `slerp`: with θ the angle
+    between the two (flattened) tensors a and b, sin((1−t)θ)/sin θ·a + sin(tθ)/sin θ·b, or (1−t)·a + t·b where
+    |cos θ| > `dot_threshold` (a norm ≤ `eps` counts as 1)."""
+    out = {}
+    for key in _keys([first, second]):
+        s = _stack([first, second], key)
+        a, b = s.reshape(2, -1)
+        norm_a, norm_b = (torch.where(n > eps, n, 1) for n in (torch.linalg.vector_norm(a),
+                                                                torch.linalg.vector_norm(b)))
+        dot = (a / norm_a * (b / norm_b)).sum().clamp(-1, 1)
+        linear = dot.abs() > dot_threshold
+        theta = torch.acos(torch.where(linear, 0, dot))
+        coef_a = torch.where(linear, 1 - t, torch.sin((1 - t) * theta) / torch.sin(theta))
+        coef_b = torch.where(linear, t, torch.sin(t * theta) / torch.sin(theta))
+        out[key] = (coef_a * a + coef_b * b).reshape(s.shape[1:])
+    return out
+
+
 # ---- the registry (`fusion.merge`) --------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class FusionInput:
@@ -205,7 +326,9 @@ class FusionInput:
 @dataclass(frozen=True)
 class Merge:
     """A registered merge: `fuse(inputs, weight, **args)` → ΔW to add to the model. `roles` names the inputs it
-    needs (empty: any number, each with its own weight); `weight` says what `fusion.weight` means for it."""
+    needs (empty: any number, each with its own weight); `weight` says what `fusion.weight` means for it;
+    `n_inputs` bounds how many inputs it takes (None: no upper bound); `check_args(**args)` raises a ValueError on
+    out-of-range arguments, before anything loads."""
 
     name: str
     fuse: Callable[..., TaskVector]
@@ -213,6 +336,8 @@ class Merge:
     weight: str
     weight_range: tuple[float, float] = (float("-inf"), float("inf"))
     args: dict = field(default_factory=dict)
+    n_inputs: tuple[int, int | None] = (1, None)
+    check_args: Callable[..., None] | None = None
 
     def check(self, inputs: Sequence[str], weight: float, args: dict) -> None:
         """ValueError naming what is wrong with these inputs, weight or arguments."""
@@ -224,22 +349,30 @@ class Merge:
         low, high = self.weight_range
         if not low <= weight <= high and not (args.get("keep_task") and weight >= low):
             raise ValueError(f"weight={weight} is outside [{low}, {high}] for merge {self.name!r} ({self.weight})")
+        least, most = self.n_inputs
+        if len(inputs) < least or most is not None and len(inputs) > most:
+            takes = f"exactly {least}" if least == most else f"at least {least}" if most is None else \
+                f"{least} to {most}"
+            raise ValueError(f"merge {self.name!r} takes {takes} inputs, got {len(inputs)}: {list(inputs)}")
         try:
             inspect.signature(self.fuse).bind(inputs, weight, **args)
         except TypeError as e:
             raise ValueError(f"merge {self.name!r}: {e}; its arguments are {sorted(self.args)}") from None
+        if self.check_args is not None:
+            self.check_args(**{**self.args, **args})
 
 
 MERGES: dict[str, Merge] = {}
 
 
 def merge_method(name: str, roles: tuple[str, ...] = (), weight: str = "λ: scales the merged vector",
-                 weight_range: tuple[float, float] = (float("-inf"), float("inf"))):
+                 weight_range: tuple[float, float] = (float("-inf"), float("inf")),
+                 n_inputs: tuple[int, int | None] = (1, None), check_args: Callable[..., None] | None = None):
     """Register `fn(inputs: dict[str, FusionInput], weight: float, **args) -> TaskVector` as `fusion.merge=name`."""
     def register(fn):
         params = inspect.signature(fn).parameters
         args = {k: p.default for k, p in list(params.items())[2:]}
-        MERGES[name] = Merge(name, fn, roles, weight, weight_range, args)
+        MERGES[name] = Merge(name, fn, roles, weight, weight_range, args, n_inputs, check_args)
         return fn
     return register
 
@@ -267,8 +400,8 @@ def _task_arithmetic(inputs, weight):
 
 @merge_method("ties")
 def _ties(inputs, weight, density: float = 0.2, majority: str = "total", disjoint: str = "mean",
-          scope: str = "tensor"):
-    return ties(*_deltas(inputs), density, weight, majority, disjoint, scope)
+          scope: str = "tensor", weighting: str = "peft"):
+    return ties(*_deltas(inputs), density, weight, majority, disjoint, scope, weighting)
 
 
 @merge_method("dare")
@@ -292,3 +425,27 @@ def _resta(inputs, weight):
 def _safe_lora(inputs, weight, threshold: float | None = 0.5, num_layers: int | None = None):
     projected, _ = safe_lora(inputs["task"].delta, inputs["safety"].delta, threshold, num_layers)
     return task_arithmetic([projected], [weight])
+
+
+@merge_method("breadcrumbs", check_args=_check_breadcrumbs)
+def _breadcrumbs(inputs, weight, density: float = 0.9, gamma: float = 0.01, rescale: bool = False):
+    return breadcrumbs(*_deltas(inputs), density, gamma, weight, rescale)
+
+
+@merge_method("della", check_args=_check_della)
+def _della(inputs, weight, density: float = 0.7, epsilon: float = 0.15, rescale: bool = True,
+           majority: str = "total", disjoint: str = "mean", seed: int = 0):
+    return della(*_deltas(inputs), density, epsilon, weight, rescale, majority, disjoint, seed)
+
+
+@merge_method("model_stock", weight="λ: scales the merged vector (1: Model Stock; the inputs' own weights unused)",
+              n_inputs=(2, None))
+def _model_stock(inputs, weight, filter_wise: bool = False):
+    return model_stock([i.delta for i in inputs.values()], weight, filter_wise)
+
+
+@merge_method("slerp", weight="t: 0 is the first input's ΔW, 1 the second's (their own weights unused)",
+              weight_range=(0.0, 1.0), n_inputs=(2, 2))
+def _slerp(inputs, weight):
+    first, second = inputs.values()
+    return slerp(first.delta, second.delta, weight)
