@@ -31,6 +31,16 @@ def load_examples(cfg, world: World) -> list:
     return examples[: cfg.n] if cfg.n else examples
 
 
+def load_prompts(cfg) -> list[str]:
+    """The prompts of a file `dataset` config, without responses (its `n` first): harmful prompts to generate
+    on-policy answers for, such as the train splits of the standard prompt sets (conf/dataset/harmbench_train)."""
+    if cfg.source == Source.synthetic:
+        raise SafetyLabError("load_prompts reads file datasets; a synthetic view makes its own records")
+    rows = load_rows(_required(cfg.path, "dataset.path"), cfg.split, cfg.adapter, cfg.args, source="dataset")
+    prompts = [probe.prompt for probe in io.to_probes(rows, cfg.prompt_key, unsafe=True, source=cfg.path)]
+    return prompts[: cfg.n] if cfg.n else prompts
+
+
 def checked_suite(name: str, node):
     """`eval.suites.<name>` checked against SuiteConfig. Suites are typed loosely in the schema because OmegaConf
     cannot add a typed entry from the command line (`'+eval.suites.x={view: harmful, prefix: [obey]}'`)."""
