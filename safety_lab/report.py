@@ -16,6 +16,10 @@ n the successful jobs; failed jobs are left out and counted (`failed k of n`). `
 numbers (a row per group and metric, std blank for one seed), and the plots show the groups' means instead of the
 jobs: `curves.png` with a min–max band over seeds, `pareto.png` with ±1 std bars and the front through the means.
 
+Judges: where a job's generations were judged again (`python -m safety_lab.rejudge`, `judgements_<name>.jsonl`
+beside its generations), `report.md` gets a table of every pair of judges per model, suite and verdict (refused,
+complied): both judges' rates and their agreement, Cohen's kappa; `report_judges.csv` has the same rows.
+
 Every file is written whole (a temp file renamed over it). A malformed `metrics.json` or `failed.json` stops the
 report before anything is written, with a SafetyLabError naming the file: one line from the CLI (exit 2) and in
 the multirun's log.
@@ -36,6 +40,7 @@ import yaml
 from hydra.experimental.callback import Callback
 
 from safety_lab.errors import SafetyLabError
+from safety_lab.rejudge import agreement, kappa_text
 
 log = logging.getLogger(__name__)
 WEIGHT = "fusion/weight"
@@ -43,6 +48,7 @@ PANELS = (("harmfulness", "harmful", "compliance_rate"), ("over-refusal", "borde
           ("utility", "utility", "accuracy"))
 CI = ("_ci_low", "_ci_high")  # suffixes of a metric's 95% interval bounds
 SEED_COLUMNS = [WEIGHT, "overrides", "jobs", "failed", "metric", "n", "mean", "std", "min", "max"]
+JUDGE_COLUMNS = ["job", "model", "suite", "verdict", "n", "judge_a", "rate_a", "judge_b", "rate_b", "kappa"]
 
 
 def _natural(path: str) -> list:
@@ -194,8 +200,24 @@ def _seed_table(summaries: list[dict], shown: list[str]) -> list[str]:
             *_table(header, cells)]
 
 
-def write_tables(rows: list[dict], folder: Path, summaries: list[dict] | None = None) -> list[Path]:
-    """`report.csv` and `report.md`; with `summaries` (seed groups) also their table and `report_seeds.csv`."""
+def judge_agreement(root: Path, rows: list[dict]) -> list[dict]:
+    """`rejudge.agreement` of every successful job under `root`, each row with its `job`."""
+    return [{"job": r["job"], **a} for r in rows if r["status"] == "ok"
+            for a in agreement(root / r["job"], root)]
+
+
+def _judge_table(judges: list[dict]) -> list[str]:
+    header = ["job", "model", "suite", "verdict", "n", "judge A", "rate A", "judge B", "rate B", "Cohen's κ"]
+    cells = [[j["job"], str(j["model"]), j["suite"], j["verdict"], str(j["n"]), j["judge_a"], f"{j['rate_a']:.3f}",
+              j["judge_b"], f"{j['rate_b']:.3f}", kappa_text(j["kappa"])] for j in judges]
+    return ["Judges of the same generations: each judge's rate of the verdict and their agreement (Cohen's κ; — where "
+            "both give one verdict throughout).", "", *_table(header, cells)]
+
+
+def write_tables(rows: list[dict], folder: Path, summaries: list[dict] | None = None,
+                 judges: list[dict] | None = None) -> list[Path]:
+    """`report.csv` and `report.md`; with `summaries` (seed groups) also their table and `report_seeds.csv`; with
+    `judges` (`judge_agreement`) their table and `report_judges.csv`."""
     keys = _metric_keys(rows)
     paths = [_write(folder / "report.csv", _csv(rows, ["job", "status", WEIGHT, "overrides", "error", *keys]))]
     shown = [k for k in keys if not k.endswith((*CI, "/n"))]
@@ -221,6 +243,9 @@ def write_tables(rows: list[dict], folder: Path, summaries: list[dict] | None = 
         seed_rows = [{WEIGHT: s.get(WEIGHT), "overrides": s["overrides"], "jobs": s["jobs"], "failed": s["failed"],
                       "metric": key, **stats} for s in summaries for key, stats in (s["stats"] or {"": {}}).items()]
         paths.append(_write(folder / "report_seeds.csv", _csv(seed_rows, SEED_COLUMNS)))
+    if judges:
+        lines += ["", *_judge_table(judges)]
+        paths.append(_write(folder / "report_judges.csv", _csv(judges, JUDGE_COLUMNS)))
     return [*paths, _write(folder / "report.md", "\n".join(lines) + "\n")]
 
 
@@ -309,7 +334,7 @@ def write_report(folder: Path) -> list[dict]:
     groups = seed_groups(rows)
     keys = [k for k in _metric_keys(rows) if not k.endswith(CI)]
     summaries = summarize(groups, keys) if any(len(g) > 1 for g in groups.values()) else None
-    write_tables(rows, folder, summaries)
+    write_tables(rows, folder, summaries, judge_agreement(folder, rows))
     write_plots(rows, folder, summaries)
     failed = [r["job"] for r in rows if r["status"] != "ok"]
     log.info(f"report of {len(rows)} results in {folder}" + (f"; FAILED: {', '.join(failed)}" if failed else ""))

@@ -229,8 +229,9 @@ def test_evaluate_end_to_end(world, model, tokenizer):
     metrics, rows = evaluate(model, tokenizer, suites, ExactJudge(), template, max_new_tokens=6, batch_size=4,
                              progress=False)
     assert len(rows) == 12 and [r["suite"] for r in rows] == ["utility"] * 5 + ["harmful"] * 7
-    assert set(rows[0]) == {"suite", "prompt", "response", "unsafe", "target", "refused", "complied"}
+    assert set(rows[0]) == {"suite", "prompt", "response", "unsafe", "target", "refused", "complied", "meta"}
     probes = [p for s in suites.values() for p in s]
+    assert [r["meta"] for r in rows] == [p.meta for p in probes]  # the probes' fields (ops, kind, lang), for breakdowns
     assert [r["prompt"] for r in rows] == [p.prompt for p in probes]  # the raw prompt, not the templated one
     assert [r["target"] for r in rows] == [p.target for p in probes]
     # the responses are the model's answers to the templated prompts, in the probes' order

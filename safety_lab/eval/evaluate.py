@@ -34,9 +34,18 @@ def evaluate(model, tokenizer, suites: dict[str, list[Probe]], judge: Judge,
         metrics |= suite_metrics(name, suite, judgements, judge.labels)
         rows += [{"suite": name, "prompt": p.prompt, "response": r, "unsafe": p.unsafe, "target": p.target,
                   "refused": j.refused, "complied": j.complied,
-                  **{k: v for k, v in (("score", j.score), ("label", j.label)) if v is not None}}
+                  **{k: v for k, v in (("score", j.score), ("label", j.label)) if v is not None},
+                  **({"meta": kept} if (kept := plain_fields(p.meta)) else {})}
                  for p, r, j in zip(suite, answers, judgements)]
     return metrics, rows
+
+
+def plain_fields(meta: dict) -> dict:
+    """The fields of a probe's `meta` that JSON holds as they are (text, numbers, flags, lists of them): kept in
+    generations.jsonl, so a run can be re-judged or broken down by them later (`safety_lab.rejudge`)."""
+    scalar = (str, int, float, bool, type(None))
+    return {k: v for k, v in meta.items()
+            if isinstance(v, scalar) or isinstance(v, list) and all(isinstance(x, scalar) for x in v)}
 
 HEADER_RULE = box.Box("    \n    \n -- \n    \n    \n    \n    \n    \n", ascii=True)  # box.SIMPLE_HEAD in ASCII
 

@@ -124,10 +124,14 @@ def register(cls: type[Judge]) -> type[Judge]:
     return cls
 
 
-def build_judge(name: str, **kwargs) -> Judge:
+def judge_class(name: str) -> type[Judge]:
     if name not in JUDGES:
         for module in JUDGE_MODULES:
             importlib.import_module(module)
     if name not in JUDGES:
         raise ValueError(f"unknown judge {name!r}; choose from {sorted(JUDGES)}")
-    return JUDGES[name](**kwargs)
+    return JUDGES[name]
+
+
+def build_judge(name: str, **kwargs) -> Judge:
+    return judge_class(name)(**kwargs)

@@ -7,6 +7,7 @@ stays inside [0, 1] and is honest at the 0% and 100% rates that safety metrics o
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 from safety_lab.data.records import Probe
 from safety_lab.eval.judges import Judgement
@@ -89,3 +90,33 @@ def suite_metrics(suite: str, probes: list[Probe], judgements: list[Judgement],
         if sum(counts.values()):
             metrics[f"{suite}/preference_score"] = preference_score(counts["win"], counts["loss"], counts["tie"])
     return metrics
+
+
+def breakdown(suite: str, probes: list[Probe], judgements: list[Judgement], field: str,
+              labels: tuple[str, ...] = ()) -> dict[str, float]:
+    """`suite_metrics` of each group of probes sharing a value of `meta[field]` (XSTest's `type`, Do-Not-Answer's
+    `risk_area`, a jailbreak's `template`), as `<suite>:<value>/<metric>` keys (`.`, `/` and spaces in a value
+    become `_`); probes without the field are left out."""
+    groups: dict[str, tuple[list, list]] = {}
+    for probe, judgement in zip(probes, judgements):
+        if field in probe.meta:
+            value = "_".join(str(probe.meta[field]).replace(".", " ").replace("/", " ").split())
+            group = groups.setdefault(value, ([], []))
+            group[0].append(probe)
+            group[1].append(judgement)
+    metrics: dict[str, float] = {}
+    for value, (members, verdicts) in groups.items():
+        metrics |= suite_metrics(f"{suite}:{value}", members, verdicts, labels)
+    return metrics
+
+
+def cohens_kappa(a: Sequence, b: Sequence) -> float:
+    """Cohen's kappa between two raters' labels of the same items: (p_o - p_e) / (1 - p_e), with p_o the share of
+    items they label alike and p_e = sum over labels k of p_a(k) * p_b(k), the agreement expected by chance from
+    each rater's label shares. NaN where p_e = 1 (both raters give one and the same label throughout)."""
+    if len(a) != len(b) or not a:
+        raise ValueError(f"kappa needs two equally long, non-empty label lists, got {len(a)} and {len(b)}")
+    n = len(a)
+    observed = sum(x == y for x, y in zip(a, b)) / n
+    expected = sum((list(a).count(k) / n) * (list(b).count(k) / n) for k in set(a) | set(b))
+    return math.nan if expected == 1 else (observed - expected) / (1 - expected)
