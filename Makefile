@@ -38,6 +38,7 @@ bench: install
 	$(PY) -m bench.train_step
 	$(PY) -m bench.quickstart
 	$(PY) -m bench.dpo
+	$(PY) -m bench.contention
 	$(PY) -m bench.sweep +debug=fast align.dataset.n=64 fusion.inputs.task.dataset.n=64 \
 		fusion.inputs.safety.dataset.n=64 paths.artifacts=$(BENCH_STORE)
 
