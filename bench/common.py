@@ -58,6 +58,10 @@ def peak_rss_of(fn: Callable[[], object]) -> tuple[object, float]:
     return result, peak_rss_mib()
 
 
+def meets(ratio: float, target: float, higher_is_better: bool) -> bool:
+    return ratio >= target if higher_is_better else ratio <= target
+
+
 def record(name: str, value: float, baseline: float, unit: str, target: float | None, higher_is_better: bool,
            command: str, note: str = "", rss: tuple[float, float] | None = None) -> dict:
     """Merge one figure into results.json and the README table; `rss` = (peak RSS of the measured side, of the
@@ -73,7 +77,7 @@ def record(name: str, value: float, baseline: float, unit: str, target: float | 
     entries.append(entry)
     RESULTS.write_text(json.dumps(entries, indent=2) + "\n")
     _write_table(entries)
-    met = "n/a" if target is None else ("met" if (ratio >= target if higher_is_better else ratio <= target) else "NOT met")
+    met = "n/a" if target is None else "met" if meets(ratio, target, higher_is_better) else "NOT met"
     print(f"{name}: {value:.4g} {unit} vs baseline {baseline:.4g} -> ratio {ratio:.3f} (target {target}: {met})")
     return entry
 
@@ -86,7 +90,7 @@ def _write_table(entries: list[dict]) -> None:
             "|---|---|---|---|---|---|---|---|---|---|"]
     for e in entries:
         t = e["target"]
-        ok = "–" if t is None else ("yes" if (e["ratio"] >= t if e["higher_is_better"] else e["ratio"] <= t) else "**no**")
+        ok = "–" if t is None else "yes" if meets(e["ratio"], t, e["higher_is_better"]) else "**no**"
         bound = "–" if t is None else (f"≥ {t}" if e["higher_is_better"] else f"≤ {t}")
         rss = "–" if e.get("peak_rss_mib") is None else f"{e['peak_rss_mib']:.0f} / {e['baseline_peak_rss_mib']:.0f}"
         rows.append(f"| {e['name']} | {e['value']:.4g} {e['unit']} | {e['baseline']:.4g} {e['unit']} | {e['ratio']} | "
@@ -122,14 +126,8 @@ def compose(*overrides: str):
 
 
 def quickstart_base():
-    """(context, model, tokenizer) of the quickstart's unaligned base, from the store (trained if missing)."""
-    from safety_lab.artifacts import ArtifactStore
-    from safety_lab.data.template import PromptTemplate
-    from safety_lab.run import Context, plain, resolve_base
-    from safety_lab.worlds.synthetic.world import World, WorldSpec
+    """(stages, base) of the quickstart: its unaligned base from the store (trained if missing)."""
+    from safety_lab.stages import Stages
 
-    cfg = compose("+experiment=quickstart", "trainer.enable_progress_bar=false")
-    ctx = Context(cfg, ArtifactStore(cfg.paths.artifacts), World(WorldSpec(**plain(cfg.world))),
-                  PromptTemplate(**plain(cfg.model.template)))
-    model, tokenizer, _ = resolve_base(ctx)
-    return ctx, model, tokenizer
+    stages = Stages(compose("+experiment=quickstart", "trainer.enable_progress_bar=false"))
+    return stages, stages.base()

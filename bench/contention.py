@@ -1,6 +1,6 @@
 """Speed on a shared machine: training beside one other busy process, and a 2-job parallel multirun.
 
-1. Training of the default tiny model through the framework (`Context.fit` + `SFTModule`, the thread count the
+1. Training of the default tiny model through the framework (`Stages.fit` + `SFTModule`, the thread count the
    framework picks for a lone job) in a child process, alone against beside one other single-threaded busy process
    (`while True: pass`), in alternating pairs; the figure is the ratio of the median steps/s (target ≥ 0.55).
 2. `python -m safety_lab -m +experiment=quickstart seed=1,2 hydra/launcher=joblib` (two jobs at once, each with its
@@ -30,11 +30,11 @@ import safety_lab  # first: its OpenMP settings must precede torch
 from bench.train_step import framework_fit, setup
 from safety_lab.distributed import job_threads
 import torch
-ctx, model, data = setup({steps})
-torch.set_num_threads(job_threads(ctx.cfg))
-framework_fit(ctx, model, data)  # warm-up
+stages, model, data = setup({steps})
+torch.set_num_threads(job_threads(stages.cfg))
+framework_fit(stages, model, data)  # warm-up
 start = time.perf_counter()
-framework_fit(ctx, model, data)
+framework_fit(stages, model, data)
 print({steps} / (time.perf_counter() - start))
 """
 JOBS = ("+experiment=quickstart", "seed=1,2", "eval.n=100", "trainer.enable_progress_bar=false")
@@ -67,10 +67,9 @@ def training_beside_a_busy_process(pairs: int, steps: int) -> None:
 def quickstart_base_entry() -> Path:
     """The quickstart base's store entry (pretrained into the default store if missing)."""
     from bench.common import quickstart_base
-    from safety_lab.run import base_recipe
 
-    ctx, _, _ = quickstart_base()
-    return ctx.store.path("base", base_recipe(ctx.cfg))
+    stages, _ = quickstart_base()
+    return stages.store.path("base", stages.recipe("base"))
 
 
 def multirun_seconds(base: Path, parallel: bool, tmp: Path) -> float:

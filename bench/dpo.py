@@ -53,19 +53,18 @@ def count_tokens(records, tokenizer) -> int:
 
 
 def ours(pairs: int, batch_size: int) -> dict:
-    from safety_lab.artifacts import ArtifactStore
-    from safety_lab.data.template import PromptTemplate
     from safety_lab.methods.dpo import DPO
-    from safety_lab.run import Context
+    from safety_lab.stages import Model, Stages
 
-    world, tokenizer, model, records = setup(pairs)
+    _, tokenizer, model, records = setup(pairs)
     store = tempfile.mkdtemp()  # an empty reference cache: the epoch pays for its reference log-probs
-    cfg = compose("method=dpo", "dataset=preferences", f"dataset.n={pairs}", f"method.batch_size={batch_size}",
-                  "method.epochs=1", f"method.lr={LR}", f"method.beta={BETA}", "trainer.enable_progress_bar=false",
-                  "trainer.enable_checkpointing=false", f"paths.artifacts={store}", f"hydra.run.dir={store}/run")
-    ctx = Context(cfg, ArtifactStore(store), world, PromptTemplate())
+    stages = Stages(compose("method=dpo", "dataset=preferences", f"dataset.n={pairs}",
+                            f"method.batch_size={batch_size}", "method.epochs=1", f"method.lr={LR}",
+                            f"method.beta={BETA}", "trainer.enable_progress_bar=false",
+                            "trainer.enable_checkpointing=false", f"paths.artifacts={store}",
+                            f"hydra.run.dir={store}/run"))
     start = time.perf_counter()
-    DPO().train(ctx, model, tokenizer, cfg.method, cfg.dataset)
+    DPO().train(stages, Model(model, tokenizer, "bench"), stages.cfg.method, stages.cfg.dataset)
     return {"seconds": time.perf_counter() - start, "tokens": count_tokens(records, tokenizer)}
 
 

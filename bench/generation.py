@@ -27,11 +27,11 @@ def one_by_one(model, tokenizer, prompts: list[str], max_new_tokens: int) -> lis
 
 
 def main() -> None:
-    ctx, model, tokenizer = quickstart_base()
-    model.eval()
-    suites = [views.suite(ctx.world, name, N_PROMPTS // len(views.SUITES)) for name in views.SUITES]
+    stages, base = quickstart_base()
+    model, tokenizer = base.model.eval(), base.tokenizer
+    suites = [views.suite(stages.world, name, N_PROMPTS // len(views.SUITES)) for name in views.SUITES]
     prompts = [p.prompt for suite in suites for p in suite]
-    new = ctx.world.spec.max_len + 2
+    new = stages.world.spec.max_len + 2
     batched, batched_rss = peak_rss_of(lambda: generate(model, tokenizer, prompts, new, batch_size=256,
                                                         progress=False))
     start = time.perf_counter()

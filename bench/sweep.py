@@ -29,31 +29,28 @@ WEIGHTS = [round(0.1 * i, 1) for i in range(11)]
 
 
 def setup(n: int, overrides: list[str]):
-    from safety_lab.artifacts import ArtifactStore
     from safety_lab.data.sources import load_suites
-    from safety_lab.data.template import PromptTemplate
     from safety_lab.eval.evaluate import evaluate
     from safety_lab.eval.judges import build_judge
-    from safety_lab.run import Context, plain, resolve_base
-    from safety_lab.worlds.synthetic.world import World, WorldSpec
+    from safety_lab.stages import Stages
 
-    cfg = compose("+experiment=lora_fusion", f"eval.n={n}", "trainer.enable_progress_bar=false", *overrides)
-    world = World(WorldSpec(**plain(cfg.world)))
-    ctx = Context(cfg, ArtifactStore(cfg.paths.artifacts), world, PromptTemplate(**plain(cfg.model.template)))
-    model, tokenizer, base_id = resolve_base(ctx)
+    stages = Stages(compose("+experiment=lora_fusion", f"eval.n={n}", "trainer.enable_progress_bar=false",
+                            *overrides))
+    cfg, world = stages.cfg, stages.world
+    base = stages.base()
     folders = {}
     for role, stage in cfg.fusion.inputs.items():
-        tuned, artifact = ctx.apply_stage(model, tokenizer, base_id, stage.method, stage.dataset)
-        tuned.unload()
-        folders[role] = Path(cfg.paths.artifacts) / artifact
+        tuned = stages.apply(base, stage.method, stage.dataset)
+        tuned.model.unload()
+        folders[role] = Path(cfg.paths.artifacts) / tuned.id
     suites, judge = load_suites(cfg.eval, world), build_judge(cfg.eval.judge, **cfg.eval.judge_args)
 
     def assess(m) -> dict:
-        metrics, _ = evaluate(m, tokenizer, suites, judge, ctx.template, max_new_tokens=world.spec.max_len + 2,
+        metrics, _ = evaluate(m, base.tokenizer, suites, judge, stages.template, max_new_tokens=world.spec.max_len + 2,
                               batch_size=cfg.eval.batch_size, progress=False)
         return metrics
 
-    return model, tokenizer, folders, assess
+    return base.model, base.tokenizer, folders, assess
 
 
 def naive(base_folder: Path, folders: dict, assess) -> tuple[float, list[dict]]:

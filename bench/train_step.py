@@ -1,6 +1,6 @@
 """Training throughput and hardware efficiency of SFT on the default tiny model.
 
-1. SFT tokens/s through the framework (`Context.fit` + `SFTModule`, i.e. Lightning with the default trainer and
+1. SFT tokens/s through the framework (`Stages.fit` + `SFTModule`, i.e. Lightning with the default trainer and
    logger) against a minimal hand-written PyTorch loop doing identical work: same freshly initialised default tiny
    Llama, same batches in the same order (a seeded shuffling DataLoader, which the framework's sampler reproduces),
    same loss, AdamW, warm-up/cosine schedule, gradient clipping, fp32, threads, and the model `torch.compile`d in
@@ -61,22 +61,19 @@ def hand_loop(model, data: TokenizedExamples) -> None:
 
 
 def setup(steps: int, **shape):
-    """(context, fresh tiny Llama of the default shapes unless overridden, training rows)."""
-    from safety_lab.artifacts import ArtifactStore
-    from safety_lab.data.template import PromptTemplate
+    """(stages, fresh tiny Llama of the default shapes unless overridden, training rows)."""
+    from safety_lab.config import plain
     from safety_lab.models.factory import tiny_llama
-    from safety_lab.run import Context, plain
+    from safety_lab.stages import Stages
     from safety_lab.worlds.synthetic.tokenizer import build_tokenizer
-    from safety_lab.worlds.synthetic.world import World, WorldSpec
 
-    cfg = compose("trainer.enable_progress_bar=false", "model.compile_min_steps=0")
-    world = World(WorldSpec(**plain(cfg.world)))
-    ctx = Context(cfg, ArtifactStore(cfg.paths.artifacts), world, PromptTemplate())
-    tokenizer, m = build_tokenizer(world), {**plain(cfg.model), **shape}
+    stages = Stages(compose("trainer.enable_progress_bar=false", "model.compile_min_steps=0"))
+    tokenizer, m = build_tokenizer(stages.world), {**plain(stages.cfg.model), **shape}
     model = tiny_llama(tokenizer, m["hidden_size"], m["num_layers"], m["num_heads"], m["intermediate_size"],
                        m["max_position_embeddings"], seed=SEED)
-    data = TokenizedExamples(views.pretrain(world, steps * BATCH, seed=1), tokenizer, max_length=m["max_length"])
-    return ctx, model, data
+    data = TokenizedExamples(views.pretrain(stages.world, steps * BATCH, seed=1), tokenizer,
+                             max_length=m["max_length"])
+    return stages, model, data
 
 
 def training_flops(model, data: TokenizedExamples) -> float:
@@ -95,17 +92,17 @@ def timed(fn) -> tuple[float, float]:
     return peak_rss_of(run)
 
 
-def framework_fit(ctx, model, data) -> None:
-    ctx.fit("bench", SFTModule(model, lr=LR, warmup_ratio=WARMUP), data, BATCH, 1, SEED)
+def framework_fit(stages, model, data) -> None:
+    stages.fit("bench", SFTModule(model, lr=LR, warmup_ratio=WARMUP), data, BATCH, 1, SEED)
 
 
 def profile(steps: int) -> None:
     from torch.profiler import ProfilerActivity, profile as torch_profile
 
-    ctx, model, data = setup(steps)
-    framework_fit(ctx, copy.deepcopy(model), data)  # warm-up
+    stages, model, data = setup(steps)
+    framework_fit(stages, copy.deepcopy(model), data)  # warm-up
     with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
-        framework_fit(ctx, copy.deepcopy(model), data)
+        framework_fit(stages, copy.deepcopy(model), data)
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
 
 
@@ -122,19 +119,19 @@ def main() -> None:
         return profile(a.steps)
     command = f"python -m bench.train_step --pairs {a.pairs} --steps {a.steps}"
     command += f" --threads {a.threads}" if a.threads else ""
-    ctx, base, data = setup(a.steps)
+    stages, base, data = setup(a.steps)
     tokens = sum(len(ids) for ids, _ in data.rows)
 
     hand_model, framework_model = copy.deepcopy(base), copy.deepcopy(base)
     hand_loop(hand_model, data)  # warm-up of both, and the check that they do the same work
-    framework_fit(ctx, framework_model, data)
+    framework_fit(stages, framework_model, data)
     drift = max((h - f).abs().max().item() for h, f in zip(hand_model.parameters(), framework_model.parameters()))
     if drift > 1e-4:
         raise SystemExit(f"the framework and the hand-written loop trained different weights (max |Δ| {drift:.2e})")
     hand, framework, peaks, hand_rss, framework_rss = [], [], [], 0.0, 0.0
     for i in range(a.pairs):
         sides = [("hand", lambda: hand_loop(copy.deepcopy(base), data)),
-                 ("framework", lambda: framework_fit(ctx, copy.deepcopy(base), data))]
+                 ("framework", lambda: framework_fit(stages, copy.deepcopy(base), data))]
         for side, fn in sides if i % 2 == 0 else sides[::-1]:
             seconds, rss = timed(fn)
             (hand if side == "hand" else framework).append(seconds)
@@ -162,10 +159,10 @@ def main() -> None:
 def wide_efficiency(steps: int, command: str) -> None:
     """The same measure on a wider variant (not the default model): what the CPU reaches once matmuls are big."""
     wide_steps = max(2, steps // 8)
-    ctx, model, data = setup(wide_steps, **WIDE)
+    stages, model, data = setup(wide_steps, **WIDE)
     runs, peaks = [], []
     for _ in range(2):  # the first run is also the warm-up
-        runs.append(timed(lambda: framework_fit(ctx, copy.deepcopy(model), data)))
+        runs.append(timed(lambda: framework_fit(stages, copy.deepcopy(model), data)))
         peaks.append(matmul_peak_flops())
     seconds, peak, rss = min(s for s, _ in runs), max(peaks), max(r for _, r in runs)
     record("hardware efficiency, wider variant (hidden 512, 8 heads, ff 2048; NOT the default model)",

@@ -11,10 +11,17 @@ from enum import Enum
 from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import DictConfig, ListConfig
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from safety_lab.errors import SafetyLabError
 from safety_lab.worlds.synthetic.world import WorldSpec
+
+
+def plain(node):
+    """A config node as plain Python values (interpolations resolved, enums as their strings); anything else as is."""
+    if isinstance(node, (DictConfig, ListConfig)):
+        return OmegaConf.to_container(node, resolve=True, enum_to_str=True)
+    return node
 
 
 class ModelKind(str, Enum):

@@ -20,6 +20,7 @@ from safety_lab.errors import SafetyLabError
 from safety_lab.eval.evaluate import evaluate
 from safety_lab.eval.judges import build_judge
 from safety_lab.models.factory import tiny_llama
+from safety_lab.stages import Model
 from safety_lab.worlds.synthetic import views
 from safety_lab.worlds.synthetic.tokenizer import build_tokenizer
 from safety_lab.worlds.synthetic.world import World, WorldSpec
@@ -143,7 +144,7 @@ def test_ranks_above_zero_leave_the_analyses_to_rank_zero(synthetic, tmp_path, m
 
     def assess(*args):
         raise AssertionError("rank 1 must not evaluate")
-    assert mechanistic_study(_context(), model, tokenizer, "base/x", suites, assess, tmp_path) == ({}, [])
+    assert mechanistic_study(_context(), Model(model, tokenizer, "base/x"), suites, assess, tmp_path) == ({}, [])
     assert not any(tmp_path.iterdir())
 
 

@@ -17,7 +17,6 @@ from helpers import run_safety_lab
 from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
-from safety_lab.artifacts import ArtifactStore
 from safety_lab.checkpoints import resume_path
 from safety_lab.data.collate import TokenizedExamples
 from safety_lab.data.io import load_hf_dataset, read_rows
@@ -25,7 +24,7 @@ from safety_lab.data.records import Example
 from safety_lab.errors import SafetyLabError
 from safety_lab.methods.sft import SFTModule
 from safety_lab.models.factory import load_pretrained
-from safety_lab.run import Context
+from safety_lab.stages import Stages
 
 NOT_COVERED = ("cannot be loaded safely: truncated or not safetensors "
                "(Error while deserializing header: incomplete metadata, file not fully covered)")
@@ -106,18 +105,19 @@ def fit_in_store(tmp_path, ckpt_path: str, seen: list):
     cfg = OmegaConf.create({
         "trainer": {"_target_": "lightning.pytorch.Trainer", "accelerator": "cpu", "accumulate_grad_batches": 1,
                     "enable_checkpointing": True, "enable_progress_bar": False, "enable_model_summary": False},
-        "strategy": {"strategy": "auto", "devices": 1}, "paths": {"output_dir": str(tmp_path / "run")},
+        "strategy": {"strategy": "auto", "devices": 1},
+        "paths": {"output_dir": str(tmp_path / "run"), "artifacts": str(tmp_path / "store")},
         "logger": {"_target_": "lightning.pytorch.loggers.CSVLogger", "save_dir": str(tmp_path / "run")},
         "model": {}, "ckpt_path": ckpt_path, "ckpt_every_n_steps": 1})
-    store = ArtifactStore(tmp_path / "store")
-    ctx = Context(cfg, store, world=None, template=None, methods={})
+    stages = Stages(cfg)
+    store = stages.store
     entry = store.path("adapter", {})
     checkpoints = entry.parent / f".ckpt-{entry.name}" / "sft"
     bad_checkpoint(checkpoints / "last.ckpt", "truncated")
 
     def build(folder):
         data = TokenizedExamples([Example("a b", "c d")] * 4, tokenizer, max_length=16)
-        ctx.fit("sft", SFTModule(build_tiny_llama(len(tokenizer)), lr=1e-2, warmup_ratio=0.0), data, 4, 1, 0)
+        stages.fit("sft", SFTModule(build_tiny_llama(len(tokenizer)), lr=1e-2, warmup_ratio=0.0), data, 4, 1, 0)
         seen.extend(sorted(p.name for p in checkpoints.iterdir()))
 
     return store.get_or_build("adapter", {}, build), checkpoints

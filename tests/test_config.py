@@ -27,7 +27,7 @@ from safety_lab.config import Source, register
 from safety_lab.data.sources import checked_suite, load_suites
 from safety_lab.errors import SafetyLabError
 from safety_lab.data.template import PromptTemplate
-from safety_lab.run import base_recipe
+from safety_lab.stages import Stages
 from safety_lab.worlds.synthetic import views
 from safety_lab.worlds.synthetic.world import World, WorldSpec
 
@@ -105,9 +105,9 @@ def check_bindings(container: dict) -> list[str]:
     """Bind every `_target_` of a composed config; returns the dotted keys that were checked."""
     checked = []
     for key, node in target_nodes(container):
-        if key == "trainer":  # run.fit: instantiate(cfg.trainer, **cfg.strategy, max_epochs=, logger=, ...)
+        if key == "trainer":  # Stages.fit: instantiate(cfg.trainer, **cfg.strategy, max_epochs=, logger=, ...)
             bind_target(node, **container["strategy"], max_epochs=1, logger=False, default_root_dir="x")
-        elif key == "logger":  # run.fit: instantiate(cfg.logger, name=stage)
+        elif key == "logger":  # Stages.fit: instantiate(cfg.logger, name=stage)
             bind_target(node, name="stage")
         else:
             bind_target(node)
@@ -159,8 +159,8 @@ def test_experiment_and_debug_set_what_they_promise(tmp_path):
 def test_a_new_option_at_its_default_keeps_the_stores_base(tmp_path):
     """The default base's recipe hash is pinned: an option added later (here `model.pretrain.args`) must stay out
     of the recipe at its default, or every existing store pretrains its base again."""
-    default = base_recipe(OmegaConf.create(compose_resolved([], tmp_path)))
-    persona = base_recipe(OmegaConf.create(compose_resolved(["model=tiny_llama_persona"], tmp_path)))
+    default = Stages(OmegaConf.create(compose_resolved([], tmp_path))).recipe("base")
+    persona = Stages(OmegaConf.create(compose_resolved(["model=tiny_llama_persona"], tmp_path))).recipe("base")
     assert "args" not in default["model"]["pretrain"] and recipe_hash(default) == "8c32b02c218649fd"
     assert persona["model"]["pretrain"]["args"] == {"obey_fraction": 0.2}
     assert {**persona["model"], "pretrain": default["model"]["pretrain"]} == default["model"]

@@ -8,14 +8,13 @@ from conftest import build_tiny_llama, build_tiny_tokenizer
 from helpers import run_safety_lab
 from omegaconf import OmegaConf
 
-from safety_lab.artifacts import ArtifactStore
 from safety_lab.config import check_values
 from safety_lab.data.collate import TokenizedExamples
 from safety_lab.data.records import Example
 from safety_lab.distributed import job_threads
 from safety_lab.errors import SafetyLabError
 from safety_lab.methods.sft import SFTModule
-from safety_lab.run import Context
+from safety_lab.stages import Stages
 from test_config import compose_resolved
 
 
@@ -59,19 +58,19 @@ def test_a_diverging_fit_stops_naming_stage_step_and_loss_and_publishes_nothing(
     cfg = OmegaConf.create({
         "trainer": {"_target_": "lightning.pytorch.Trainer", "accelerator": "cpu", "accumulate_grad_batches": 1,
                     "enable_checkpointing": False, "enable_progress_bar": False, "enable_model_summary": False},
-        "strategy": {"strategy": "auto", "devices": 1}, "paths": {"output_dir": str(tmp_path / "run")},
+        "strategy": {"strategy": "auto", "devices": 1},
+        "paths": {"output_dir": str(tmp_path / "run"), "artifacts": str(tmp_path / "store")},
         "logger": {"_target_": "lightning.pytorch.loggers.CSVLogger", "save_dir": str(tmp_path / "run")},
         "model": {}, "ckpt_path": None, "ckpt_every_n_steps": 1})
-    store = ArtifactStore(tmp_path / "store")
-    ctx = Context(cfg, store, world=None, template=None, methods={})
+    stages = Stages(cfg)
     data = TokenizedExamples([Example("a b", "c d")] * 32, tokenizer, max_length=16)
 
     def build(folder):  # no warm-up, no clipping would help: lr 1e12 overflows within a few steps
-        ctx.fit("sft", SFTModule(build_tiny_llama(len(tokenizer)), lr=1e12, warmup_ratio=0.0), data, 4, 3, 0)
+        stages.fit("sft", SFTModule(build_tiny_llama(len(tokenizer)), lr=1e12, warmup_ratio=0.0), data, 4, 3, 0)
 
     with pytest.raises(SafetyLabError, match=r"^sft: (the loss \(nan\)|the loss \(inf\)|a gradient) is not finite "
                                              r"at step \d+ \(last logged loss .*\); lower the learning rate$"):
-        store.get_or_build("adapter", {}, build)
+        stages.store.get_or_build("adapter", {}, build)
     assert not list((tmp_path / "store").rglob("manifest.json"))
     assert not list((tmp_path / "store" / "adapter").glob(".tmp-*"))
 

@@ -9,9 +9,8 @@ from omegaconf import OmegaConf
 from test_config import compose_resolved
 
 from safety_lab.artifacts import ArtifactStore, recipe_hash
-from safety_lab.data.template import PromptTemplate
 from safety_lab.methods import mask_dpo
-from safety_lab.run import Context, base_recipe
+from safety_lab.stages import Model, Stages
 
 
 class Recorded(Exception):
@@ -25,52 +24,59 @@ class RecordingStore(ArtifactStore):
         raise Recorded(kind, recipe)
 
 
-def composed(tmp_path, *overrides: str):
-    cfg = OmegaConf.create(compose_resolved(list(overrides), tmp_path))
-    return Context(cfg, RecordingStore(tmp_path / "store"), world=None, template=PromptTemplate())
+def composed(tmp_path, *overrides: str) -> Stages:
+    stages = Stages(OmegaConf.create(compose_resolved(list(overrides), tmp_path)))
+    stages.store = RecordingStore(tmp_path / "store")
+    return stages
 
 
-def stage_id(ctx, base_id: str, stage) -> str:
+def recorded_id(build, *args) -> str:
     with pytest.raises(Recorded) as recorded:
-        ctx.apply_stage(None, None, base_id, stage.method, stage.dataset)
+        build(*args)
     return recorded.value.id
 
 
+def stage_id(stages: Stages, base_id: str, stage) -> str:
+    return recorded_id(stages.apply, Model(None, None, base_id), stage.method, stage.dataset)
+
+
+def base_id(stages: Stages) -> str:
+    return recorded_id(stages.base)
+
+
 def test_quickstart_base_and_adapter(tmp_path):
-    ctx = composed(tmp_path, "+experiment=quickstart")
-    base_id = f"base/{recipe_hash(base_recipe(ctx.cfg))}"
-    assert base_id == "base/8c32b02c218649fd"
-    assert stage_id(ctx, base_id, ctx.cfg) == "adapter/6d888c94da0beff3"
+    stages = composed(tmp_path, "+experiment=quickstart")
+    assert base_id(stages) == "base/8c32b02c218649fd"
+    assert stage_id(stages, base_id(stages), stages.cfg) == "adapter/6d888c94da0beff3"
 
 
 def test_lora_fusion_inputs_on_the_aligned_base(tmp_path):
-    ctx = composed(tmp_path, "+experiment=lora_fusion")
-    base_id = f"base/{recipe_hash(base_recipe(ctx.cfg))}"
-    assert base_id == "base/1a2042fb96c857e8"
-    aligned = stage_id(ctx, base_id, ctx.cfg.align)
+    stages = composed(tmp_path, "+experiment=lora_fusion")
+    assert base_id(stages) == "base/1a2042fb96c857e8"
+    aligned = stage_id(stages, base_id(stages), stages.cfg.align)
     assert aligned == "adapter/541bd82acc7bdb1e"
-    assert stage_id(ctx, aligned, ctx.cfg.fusion.inputs.task) == "adapter/b9d2f780551ebe91"  # realign's task adapter too
-    assert stage_id(ctx, aligned, ctx.cfg.fusion.inputs.safety) == "adapter/d88315dc0e6b7305"
+    inputs = stages.cfg.fusion.inputs
+    assert stage_id(stages, aligned, inputs.task) == "adapter/b9d2f780551ebe91"  # realign's task adapter too
+    assert stage_id(stages, aligned, inputs.safety) == "adapter/d88315dc0e6b7305"
 
 
 def test_realign_task_mask_and_model(tmp_path, monkeypatch):
-    ctx = composed(tmp_path, "+experiment=realign")
-    aligned = stage_id(ctx, f"base/{recipe_hash(base_recipe(ctx.cfg))}", ctx.cfg.align)
-    task = stage_id(ctx, aligned, ctx.cfg.method.tasks.obey)
+    stages = composed(tmp_path, "+experiment=realign")
+    aligned = stage_id(stages, base_id(stages), stages.cfg.align)
+    task = stage_id(stages, aligned, stages.cfg.method.tasks.obey)
     assert task == "adapter/b9d2f780551ebe91"
-    assert stage_id(ctx, aligned, ctx.cfg) == "model/634a1057d404b552"  # the realigned model for one export
-    model = torch.nn.Linear(2, 2)
+    assert stage_id(stages, aligned, stages.cfg) == "model/634a1057d404b552"  # the realigned model for one export
     monkeypatch.setattr(mask_dpo, "task_vectors", lambda *args: ([{"weight": torch.zeros(2, 2)}], [task]))
-    ctx.base_id = aligned
-    with pytest.raises(Recorded) as recorded:
-        mask_dpo.MaskDPO().train(ctx, model, None, ctx.cfg.method, ctx.cfg.dataset)
-    assert recorded.value.id == "mask/0ed94aa93d22381a"
+    mask = recorded_id(mask_dpo.MaskDPO().train, stages, Model(torch.nn.Linear(2, 2), None, aligned),
+                       stages.cfg.method, stages.cfg.dataset)
+    assert mask == "mask/0ed94aa93d22381a"
 
 
 def test_mechanistic_full_weight_stage(tmp_path):
-    ctx = composed(tmp_path, "+experiment=mechanistic")
-    assert stage_id(ctx, "base/8c32b02c218649fd", ctx.cfg.analysis.models.dpo_high) == "model/405b7d6334039d99"
+    stages = composed(tmp_path, "+experiment=mechanistic")
+    assert stage_id(stages, "base/8c32b02c218649fd", stages.cfg.analysis.models.dpo_high) == "model/405b7d6334039d99"
 
 
-def test_reference_log_probs():
-    assert recipe_hash({"data": "0123456789abcdef", "reference": "fedcba9876543210"}) == "bc6765c4793e4e00"
+def test_reference_log_probs(tmp_path):
+    reference = composed(tmp_path).recipe("ref_logps", data="0123456789abcdef", reference="fedcba9876543210")
+    assert recipe_hash(reference) == "bc6765c4793e4e00"

@@ -25,7 +25,7 @@ from safety_lab.data.collate import TokenizedExamples
 from safety_lab.data.records import Example
 from safety_lab.methods.losses import token_cross_entropy
 from safety_lab.methods.sft import SFTModule
-from safety_lab.run import Context
+from safety_lab.stages import Stages
 from conftest import SENTENCES, build_tiny_llama, build_tiny_tokenizer
 
 register()
@@ -73,15 +73,16 @@ def fit_tiny(tmp_path: Path, batch_size: int, accumulation: int, checkpointing: 
     data = TokenizedExamples(examples, tokenizer, max_length=64)
     cfg = OmegaConf.create({
         "trainer": {"_target_": "lightning.pytorch.Trainer", "accelerator": "cpu", "precision": "32-true",
-                    "gradient_clip_val": 1.0, "accumulate_grad_batches": accumulation, "enable_checkpointing": checkpointing,
-                    "enable_progress_bar": False, "enable_model_summary": False, "log_every_n_steps": 1},
+                    "gradient_clip_val": 1.0, "accumulate_grad_batches": accumulation,
+                    "enable_checkpointing": checkpointing, "enable_progress_bar": False, "enable_model_summary": False,
+                    "log_every_n_steps": 1},
         "strategy": {"strategy": "auto", "devices": 1, "num_nodes": 1},
         "logger": {"_target_": "lightning.pytorch.loggers.CSVLogger", "save_dir": str(tmp_path), "name": "logs"},
-        "paths": {"output_dir": str(tmp_path)}, "model": {"compile_min_steps": compile_min_steps},
+        "paths": {"output_dir": str(tmp_path), "artifacts": str(tmp_path / "store")},
+        "model": {"compile_min_steps": compile_min_steps},
         "ckpt_path": "last", "ckpt_every_n_steps": 1})
     model = build_tiny_llama(len(tokenizer))
-    ctx = Context(cfg, ArtifactStore(tmp_path / "store"), world=None, template=None, methods={})
-    ctx.fit("sft", SFTModule(model, lr=1e-2, warmup_ratio=0.0), data, batch_size, epochs=2, seed=0)
+    Stages(cfg).fit("sft", SFTModule(model, lr=1e-2, warmup_ratio=0.0), data, batch_size, epochs=2, seed=0)
     return model, data
 
 

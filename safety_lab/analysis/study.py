@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -21,6 +22,7 @@ from safety_lab.analysis.attacks import logit_gradient_norms, soft_token_attack
 from safety_lab.analysis.hooks import activations, decoder_layers, steer
 from safety_lab.distributed import is_rank_zero
 from safety_lab.errors import SafetyLabError
+from safety_lab.stages import merged
 
 log = logging.getLogger(__name__)
 MLP_INPUTS = ("gate_proj", "up_proj")
@@ -28,12 +30,12 @@ ANALYSES = ("activation_space", "column_space", "row_space", "lipschitz", "soft_
 DIRECTION_LAYERS = 0.8  # Arditi et al. skip candidate directions from the last 20% of layers
 
 
-def train_models(ctx, base, tokenizer, base_id: str) -> dict[str, object]:
-    """{"base": base, tag: base with the stage applied (merged), …}; each stage starts from its own copy."""
-    models = {"base": base}
-    for tag, stage in ctx.cfg.analysis.models.items():
-        tuned, _ = ctx.apply_stage(copy.deepcopy(base), tokenizer, base_id, stage.method, stage.dataset)
-        models[tag] = (tuned.merge_and_unload() if hasattr(tuned, "merge_and_unload") else tuned).eval()
+def train_models(stages, base) -> dict[str, object]:
+    """{"base": base model, tag: base with the stage applied (merged), …}; each stage starts from its own copy."""
+    models = {"base": base.model}
+    for tag, stage in stages.cfg.analysis.models.items():
+        tuned = stages.apply(replace(base, model=copy.deepcopy(base.model)), stage.method, stage.dataset)
+        models[tag] = merged(tuned.model).eval()
     return models
 
 
@@ -212,10 +214,11 @@ class Study:
         return columns, generations
 
 
-def mechanistic_study(ctx, base, tokenizer, base_id: str, suites: dict, assess, out: Path) -> tuple[dict, list]:
+def mechanistic_study(stages, base, suites: dict, assess, out: Path) -> tuple[dict, list]:
     """Train the study's models, analyse each; returns (metrics per model tag, generation rows) for the run."""
-    study = Study(ctx, tokenizer, suites, out)  # checks the suite names before anything trains
-    models = train_models(ctx, base, tokenizer, base_id)
+    tokenizer = base.tokenizer
+    study = Study(stages, tokenizer, suites, out)  # checks the suite names before anything trains
+    models = train_models(stages, base)
     if not is_rank_zero():  # ranks > 0 train along with rank 0 (DDP/FSDP); the analyses are rank 0's alone
         return {}, []
     return study.run(models, lambda model, tag: assess(model, tokenizer, tag),

@@ -75,11 +75,11 @@ def fusion_weights(fusion_cfg) -> list[float]:
     return weights
 
 
-def resolve_inputs(ctx, model, tokenizer, base_id: str) -> dict[str, FusionInput]:
-    """Every `fusion.inputs` stage, trained on (or reused for) `model` by recipe, as a fusion input; `model` is
+def resolve_inputs(stages, base) -> dict[str, FusionInput]:
+    """Every `fusion.inputs` stage, trained on (or reused for) `base` by recipe, as a fusion input; `base.model` is
     left as it was."""
     inputs = {}
-    for role, stage in ctx.cfg.fusion.inputs.items():
-        tuned, _ = ctx.apply_stage(model, tokenizer, base_id, stage.method, stage.dataset)
-        inputs[role] = stage_input(tuned, model, stage.get("weight", 1.0))
+    for role, stage in stages.cfg.fusion.inputs.items():
+        tuned = stages.apply(base, stage.method, stage.dataset)
+        inputs[role] = stage_input(tuned.model, base.model, stage.get("weight", 1.0))
     return inputs

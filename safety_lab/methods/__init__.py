@@ -1,23 +1,28 @@
 """Training methods, selected with `method=<name>`: each is a `Method` registered in `METHODS`.
 
-A method turns (base model, dataset) into a tuned model; the run pipeline stores its output as an artifact named by
-the recipe and loads it back on reuse. Methods that train a LoRA adapter inherit saving and loading from `Method`.
+A method turns a base model and a dataset into a tuned model; `Stages.apply` stores its output as an artifact named by
+its recipe and loads it back on reuse. Methods that train a LoRA adapter inherit saving and loading from `Method`.
 """
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from peft import PeftModel
 
 from safety_lab.models.factory import load_pretrained, save_pretrained
 from safety_lab.models.lora import load_adapter, save_adapter
 
+if TYPE_CHECKING:
+    from safety_lab.stages import Model, Stages
+
 
 class Method:
     name: str
 
-    def train(self, ctx, model, tokenizer, method_cfg, dataset_cfg):
-        """(tuned model — a PeftModel for adapter methods —, metrics of its training)."""
+    def train(self, stages: Stages, base: Model, method_cfg, dataset_cfg):
+        """(`base.model` tuned — a PeftModel for adapter methods —, metrics of its training), fitted through
+        `stages.fit`."""
         raise NotImplementedError
 
     def check(self, method_cfg) -> None:
@@ -29,7 +34,7 @@ class Method:
     def save(self, model, tokenizer, folder: Path) -> None:
         save_adapter(model, folder) if isinstance(model, PeftModel) else save_pretrained(model, tokenizer, folder)
 
-    def load(self, ctx, model, folder: Path):
+    def load(self, model, folder: Path):
         return load_adapter(model, folder) if (folder / "adapter_config.json").exists() else load_pretrained(folder)[0]
 
 

@@ -1,10 +1,11 @@
 """Mask-DPO realignment (SOMF): DPO on safety preferences trains a Concrete mask over task vectors, nothing else.
 
-The task adapters come from stage recipes (`method.tasks.<name>: {method, dataset}`) resolved on the aligned model
-through `Context.apply_stage`, so each is trained once and shared with any run that names the same recipe. Their
-task vectors τ_i (dense ΔW per adapted weight, or the LoRA factors with `mask.space=factors`) stay fixed; the policy
-is θ_safe + λ·Σ_i m ⊙ τ_i / mean(m) (or TIES over the masked τ_i, `merge=ties`), evaluated with `torch.func.functional_call` so it is differentiable w.r.t.
-the mask logits, with a fresh Concrete sample m per forward. The reference is deterministic: the unmasked fine-tuned
+The task adapters come from stage recipes (`method.tasks.<name>: {method, dataset}`) applied to the base the method
+is given (the aligned model) through `Stages.apply`, so each is trained once and shared with any run that names the
+same recipe. Their task vectors τ_i (dense ΔW per adapted weight, or the LoRA factors with `mask.space=factors`) stay
+fixed; the policy is θ_safe + λ·Σ_i m ⊙ τ_i / mean(m) (or TIES over the masked τ_i, `merge=ties`), evaluated with
+`torch.func.functional_call` so it is differentiable w.r.t. the mask logits, with a fresh Concrete sample m per
+forward. The reference is deterministic: the unmasked fine-tuned
 model θ_safe + λ·Σ_i τ_i (SOMF's code re-samples a random mask for it). The trained logits are a `mask` artifact
 (exports do not retrain it); the run's own artifact is the realigned model for the chosen `export`.
 """
@@ -17,13 +18,14 @@ from collections import defaultdict
 import torch
 from torch.func import functional_call
 
+from safety_lab.config import plain
 from safety_lab.errors import SafetyLabError
 from safety_lab.fusion.mask import ConcreteMask, factor_deltas, masked_deltas, rescaled
 from safety_lab.fusion.merges import ties
 from safety_lab.fusion.task_vectors import lora_factors, lora_task_vector
 from safety_lab.methods import Method
-from safety_lab.methods.dpo import (disable_dropout, dpo_objective, fit_pairs, preference_data, reference_logps,
-                                    weights_hash)
+from safety_lab.methods.dpo import dpo_objective
+from safety_lab.methods.pairs import disable_dropout, fit_pairs, preference_data, reference_logps, weights_hash
 
 log = logging.getLogger(__name__)
 EXPORT_KEYS = ("export", "export_seed", "top_k")  # how a trained mask is used, not how it is trained
@@ -79,20 +81,20 @@ class MaskedPolicy(torch.nn.Module):
         return self.model
 
 
-def task_vectors(ctx, model, tokenizer, cfg) -> tuple[list[dict[str, torch.Tensor]], list[str]]:
-    """(τ_i of each `method.tasks` stage trained on `model`, their artifact ids); `model` is left as it was."""
+def task_vectors(stages, base, cfg) -> tuple[list[dict[str, torch.Tensor]], list[str]]:
+    """(τ_i of each `method.tasks` stage trained on `base`, their artifact ids); `base.model` is left as it was."""
     taus, ids = [], []
     for stage in cfg.tasks.values():
-        tuned, artifact = ctx.apply_stage(model, tokenizer, ctx.base_id, stage.method, stage.dataset)
+        tuned = stages.apply(base, stage.method, stage.dataset)
         if cfg.mask.space == "factors":  # fold the LoRA scaling into B, so ΔW = B·A
-            tau = lora_factors(tuned)
+            tau = lora_factors(tuned.model)
             scaling = stage.method.lora.alpha / stage.method.lora.r
             tau = {k: v * scaling if k.endswith(".lora_B") else v for k, v in tau.items()}
         else:
-            tau = lora_task_vector(tuned)
-        tuned.unload()
+            tau = lora_task_vector(tuned.model)
+        tuned.model.unload()
         taus.append(tau)
-        ids.append(artifact)
+        ids.append(tuned.id)
     if any(t.keys() != taus[0].keys() for t in taus):
         raise SafetyLabError("method.tasks adapt different weights; a shared mask needs the same target_modules")
     return taus, ids
@@ -126,28 +128,24 @@ class MaskDPO(Method):
     def kind(self, method_cfg) -> str:
         return "model"  # the realigned model for one export; the mask itself is its own `mask` artifact
 
-    def train(self, ctx, model, tokenizer, cfg, dataset_cfg):
+    def train(self, stages, base, cfg, dataset_cfg):
         objective = dpo_objective(cfg)
-        base_id = ctx.base_id
-        taus, task_ids = task_vectors(ctx, model, tokenizer, cfg)
+        taus, task_ids = task_vectors(stages, base, cfg)
+        model = base.model
         disable_dropout(model)
         policy = MaskedPolicy(model, taus, cfg.task_weight, factors=cfg.mask.space == "factors", merge=cfg.merge,
-                              merge_args=ctx.plain(cfg.merge_args))
+                              merge_args=plain(cfg.merge_args))
         if cfg.export == "none":
             return policy.merge(policy.ones()), {}
         shapes = {name: t.shape for name, t in taus[0].items()}
-        recipe = {"base": base_id, "tasks": task_ids, "dataset": ctx.plain(dataset_cfg), "seed": ctx.cfg.seed,
-                  "method": {k: v for k, v in ctx.plain(cfg).items() if k not in EXPORT_KEYS},
-                  "template": ctx.plain(ctx.cfg.model.template), "world": ctx.plain(ctx.cfg.world),
-                  **ctx.training_recipe}
 
         def build(folder):
-            data = preference_data(ctx, cfg, dataset_cfg, tokenizer)
+            data = preference_data(stages, cfg, dataset_cfg, base.tokenizer)
             policy.masks = policy.ones()
             model.eval()
             reference_id = "-".join(map(str, (weights_hash(dict(model.named_parameters()), *taus), cfg.task_weight,
-                                              cfg.mask.space, cfg.merge, sorted(ctx.plain(cfg.merge_args).items()))))
-            reference = reference_logps(ctx, lambda *batch: policy(*batch).logits, data, reference_id,
+                                              cfg.mask.space, cfg.merge, sorted(plain(cfg.merge_args).items()))))
+            reference = reference_logps(stages, lambda *batch: policy(*batch).logits, data, reference_id,
                                         cfg.ref_batch_size)
             policy.masks = None
             policy.mask = ConcreteMask(shapes, cfg.mask.init_logit, cfg.mask.temperature)
@@ -158,14 +156,15 @@ class MaskDPO(Method):
                 density = sum(torch.sigmoid(l).sum() for l in logits) / sum(l.numel() for l in logits)
                 return loss + cfg.mask.sparsity * density, {**logs, "mask_density": density.detach()}
 
-            metrics = fit_pairs(ctx, self.name, policy, regularised, reference, data, cfg)
+            metrics = fit_pairs(stages, self.name, policy, regularised, reference, data, cfg)
             policy.mask.save(folder)
             return {**metrics, **density_per_layer(policy.mask.density(), shapes)}
 
-        folder = ctx.store.get_or_build("mask", recipe, build)
+        method = {k: v for k, v in plain(cfg).items() if k not in EXPORT_KEYS}
+        folder = stages.get_or_build("mask", build, base=base.id, tasks=task_ids, dataset=dataset_cfg, method=method)
         mask = ConcreteMask.load(folder, cfg.mask.temperature)
         exported = mask.export(cfg.export, cfg.export_seed, cfg.top_k)
         kept = density_per_layer({n: float(m.mean()) for n, m in exported.items()}, shapes)
-        log.info("mask %s (export=%s): kept share per layer %s", folder.name, ctx.plain(cfg)["export"],
+        log.info("mask %s (export=%s): kept share per layer %s", folder.name, plain(cfg)["export"],
                  {k: round(v, 3) for k, v in kept.items()})
         return policy.merge(exported), {**kept, "mask": f"mask/{folder.name}"}

@@ -12,6 +12,7 @@ import math
 import lightning as L
 import torch
 
+from safety_lab.config import plain
 from safety_lab.data.collate import IGNORE, TokenizedExamples
 from safety_lab.methods import Method
 from safety_lab.methods.losses import token_cross_entropy
@@ -59,11 +60,11 @@ class SFTModule(L.LightningModule):
 class SFT(Method):
     name = "sft"
 
-    def train(self, ctx, model, tokenizer, method_cfg, dataset_cfg):
+    def train(self, stages, base, method_cfg, dataset_cfg):
         m = method_cfg
-        data = TokenizedExamples(ctx.examples(dataset_cfg), tokenizer, ctx.template, ctx.cfg.model.max_length,
-                                 m.train_on_prompt)
-        tuned = trainable(model, ctx.plain(m.lora))
+        data = TokenizedExamples(stages.examples(dataset_cfg), base.tokenizer, stages.template,
+                                 stages.cfg.model.max_length, m.train_on_prompt)
+        tuned = trainable(base.model, plain(m.lora))
         module = SFTModule(tuned, lr=m.lr, weight_decay=m.weight_decay, warmup_ratio=m.warmup_ratio,
                            min_lr_ratio=m.min_lr_ratio)
-        return tuned, ctx.fit(self.name, module, data, m.batch_size, m.epochs, ctx.cfg.seed)
+        return tuned, stages.fit(self.name, module, data, m.batch_size, m.epochs, stages.cfg.seed)

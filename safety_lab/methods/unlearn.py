@@ -2,12 +2,13 @@
 
 The preferred response is kept (descent on its NLL, weight `retain_weight`); the dispreferred one is forgotten
 (weight `forget_weight`) by ascent on its NLL (`ascent`, `graddiff`; optionally clamped so it cannot diverge) or by
-NPO against cached reference log-probs (`npo`). Batching, the LoRA policy and the reference cache are DPO's.
+NPO against cached reference log-probs (`npo`). Batching, the LoRA policy and the reference cache are the pair
+machinery's (`pairs.py`).
 """
 from __future__ import annotations
 
 from safety_lab.errors import SafetyLabError
-from safety_lab.methods.dpo import PairMethod, check_logp_settings
+from safety_lab.methods.pairs import PairMethod, check_logp_settings
 from safety_lab.methods.losses import ascent_term, normalise_logps, npo_term, unlearning_loss
 
 

@@ -1,0 +1,257 @@
+"""Stages: how a run trains, names and reuses every model it needs (docs/architecture.md, "Stages and recipes").
+
+A *stage* is a (method, dataset) pair applied to a base model. `Stages` is built once per run from its config
+(`Stages(cfg)`) and handed to methods, tasks and benchmarks as an argument: it fits a LightningModule
+with the configured trainer and strategy (`fit`), resolves the run's base (`base`: the synthetic base is pretrained
+once, an `align` stage is merged in), builds or reuses a stage on a base (`apply`), and computes every store recipe
+(`recipe`), the one place that decides when an artifact is reused.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+from contextlib import contextmanager
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import Callable
+
+import lightning as L
+import torch
+from hydra.utils import instantiate
+from lightning.pytorch.callbacks import ModelCheckpoint
+from omegaconf import DictConfig, OmegaConf
+
+from safety_lab.artifacts import ArtifactStore
+from safety_lab.checkpoints import resume_path
+from safety_lab.config import ModelKind, plain
+from safety_lab.data.batching import ResumeState, global_batch_loader
+from safety_lab.data.collate import TokenizedExamples
+from safety_lab.data.sources import load_examples
+from safety_lab.data.template import PromptTemplate
+from safety_lab.errors import SafetyLabError
+from safety_lab.methods import registry
+from safety_lab.methods.sft import SFTModule
+from safety_lab.models.factory import dequantise_gguf, load_pretrained, save_pretrained, tiny_llama
+from safety_lab.models.sharding import full_state_dict, is_sharded
+from safety_lab.worlds.synthetic.tokenizer import build_tokenizer
+from safety_lab.worlds.synthetic.world import World, WorldSpec
+
+log = logging.getLogger(__name__)
+for _name in ("lightning.pytorch", "lightning.fabric"):  # their banners ("GPU available: False", tips) add nothing
+    logging.getLogger(_name).setLevel(logging.WARNING)
+# Model settings that do not change the synthetic base's weights (or only apply to real models).
+NOT_IN_BASE_RECIPE = ("template", "gradient_checkpointing", "compile_min_steps", "quantization", "allow_pickle")
+# Trainer settings that change nothing about the trained weights, so they stay out of recipes.
+COSMETIC = {"log_every_n_steps", "enable_checkpointing", "enable_model_summary", "enable_progress_bar",
+            "num_sanity_val_steps"}
+
+
+@dataclass
+class Model:
+    """A model in memory with its tokenizer and its id: `<kind>/<hash>` of the store entry it comes from, or the hub
+    id / path it was loaded from. A stage's recipe names its base by this id."""
+
+    model: torch.nn.Module
+    tokenizer: object
+    id: str
+
+
+def merged(model: torch.nn.Module) -> torch.nn.Module:
+    """A LoRA-adapted model with its adapter merged into the weights; any other model as it is."""
+    return model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
+
+
+def entry_id(folder: Path) -> str:
+    return f"{folder.parent.name}/{folder.name}"
+
+
+@contextmanager
+def compiled(model: torch.nn.Module, enabled: bool):
+    """`model` torch.compile'd in place for the duration (parameter names, hence checkpoints, stay the same), with
+    deterministic kernels so that a recipe trains the same weights every time (without them inductor's CPU kernels
+    differ from run to run); evaluation and generation afterwards run eagerly."""
+    if not enabled:
+        yield
+        return
+    before = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    model.compile(dynamic=True)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        yield
+    finally:
+        model._compiled_call_impl = None
+        torch.use_deterministic_algorithms(before[0], warn_only=before[1])
+
+
+class StopOnNonFinite(L.Callback):
+    """Ends a fit with one line naming the stage, the step and the loss as soon as the loss or a gradient is not
+    finite, so that a diverged model never reaches the store."""
+
+    def __init__(self, stage: str):
+        self.stage = stage
+
+    def fail(self, trainer, what: str):
+        loss = trainer.callback_metrics.get("train/loss")
+        raise SafetyLabError(f"{self.stage}: {what} is not finite at step {trainer.global_step} (last logged loss "
+                             f"{float(loss) if loss is not None else 'none'}); lower the learning rate")
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+        if loss is not None and not torch.isfinite(loss):
+            self.fail(trainer, f"the loss ({float(loss)})")
+
+    def on_before_optimizer_step(self, trainer, module, optimizer):
+        grads = [p.grad for p in module.parameters() if p.grad is not None]
+        if grads and not torch.isfinite(torch.stack(torch._foreach_norm(grads))).all():
+            self.fail(trainer, "a gradient")
+
+
+class Stages:
+    """The run's config, and how every stage of it is trained, named and reused. The store, the world and the prompt
+    template are made from the config when first used, so a config of only the trainer settings can `fit`."""
+
+    def __init__(self, cfg: DictConfig):
+        self.cfg = cfg
+        self.methods = registry()
+
+    @cached_property
+    def store(self) -> ArtifactStore:
+        return ArtifactStore(self.cfg.paths.artifacts)
+
+    @cached_property
+    def world(self) -> World:
+        return World(WorldSpec(**plain(self.cfg.world)))
+
+    @cached_property
+    def template(self) -> PromptTemplate:
+        return PromptTemplate(**plain(self.cfg.model.template))
+
+    def recipe(self, kind: str, **inputs) -> dict:
+        """The store recipe of an artifact of `kind` made from `inputs` (the ids of the artifacts it starts from and
+        the settings that make it): what names its entry, so the only thing that decides whether it is reused.
+
+        - `base`, the synthetic base (no inputs): the model settings that shape its weights, the world, the training.
+        - `ref_logps`: its inputs alone (a data fingerprint and a hash of the reference weights).
+        - anything trained on a base (`adapter`, `model`, `mask`): its inputs, the run's seed, prompt template and
+          training settings, and the world when its data is synthetic (a mask's recipe always holds the world).
+
+        Settings that change no weights (logging, progress bars, checkpoint cadence, compile, thread count) stay out.
+        """
+        if kind == "ref_logps":
+            return inputs
+        trainer = {k: v for k, v in plain(self.cfg.trainer).items() if k not in COSMETIC}
+        training = {"trainer": trainer, "strategy": plain(self.cfg.strategy)}
+        world = {"world": plain(self.cfg.world)}
+        if kind == "base":
+            model = {k: v for k, v in plain(self.cfg.model).items() if k not in NOT_IN_BASE_RECIPE}
+            if not model["pretrain"]["args"]:  # left out when empty, so bases made before view args existed stay valid
+                del model["pretrain"]["args"]
+            return {"model": model, **world, **training}
+        recipe = {**{k: plain(v) for k, v in inputs.items()}, "seed": self.cfg.seed,
+                  "template": plain(self.cfg.model.template), **training}
+        return {**recipe, **world} if kind == "mask" or recipe["dataset"].get("source") == "synthetic" else recipe
+
+    def get_or_build(self, kind: str, build: Callable[[Path], dict | None], **inputs) -> Path:
+        """The store entry of `recipe(kind, **inputs)`, built by `build(folder) -> metrics` on first use."""
+        return self.store.get_or_build(kind, self.recipe(kind, **inputs), build)
+
+    def examples(self, dataset_cfg) -> list:
+        return load_examples(dataset_cfg, self.world)
+
+    def fit(self, stage: str, module: L.LightningModule, data: TokenizedExamples, batch_size: int, epochs: int,
+            seed: int) -> dict:
+        """Train `module` with the configured Trainer, strategy and logger; returns the last logged metrics.
+
+        `batch_size` is per micro-batch and process: the global batch is batch_size × accumulation × processes,
+        and the order of rows does not depend on the split (data/batching.py). Inside a store build, checkpoints go
+        beside the entry and a re-run resumes from the last one (`ckpt_path`). Under FSDP a copy of `module` is
+        trained and its shards gathered back into `module`, so the caller always gets a plain model back.
+        """
+        cfg = self.cfg
+        L.seed_everything(seed, workers=True, verbose=False)
+        loader = global_batch_loader(data, batch_size, cfg.trainer.accumulate_grad_batches, seed)
+        callbacks, resume = [ResumeState(loader.sampler), StopOnNonFinite(stage)], None
+        checkpoints = self.store.checkpoints()
+        if cfg.trainer.enable_checkpointing and checkpoints is not None:
+            callbacks.append(ModelCheckpoint(dirpath=checkpoints / stage, save_last=True, save_top_k=0,
+                                             every_n_train_steps=cfg.ckpt_every_n_steps))
+            resume = resume_path(checkpoints / stage / "last.ckpt", cfg.ckpt_path)  # a corrupt one is set aside
+            if resume:
+                log.info("resuming %s from %s", stage, resume)
+        logger = instantiate(cfg.logger, name=stage)
+        # outside a store build nothing resumes, so no Lightning default end-of-epoch checkpoint is written either
+        trainer = instantiate(cfg.trainer, **plain(cfg.strategy), max_epochs=epochs, logger=logger,
+                              callbacks=callbacks, use_distributed_sampler=False,
+                              enable_checkpointing=any(isinstance(c, ModelCheckpoint) for c in callbacks),
+                              default_root_dir=str(Path(cfg.paths.output_dir) / stage))
+        if cfg.model.get("gradient_checkpointing"):
+            module.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        module.train()  # evaluation may have left it in eval mode
+        trained = copy.deepcopy(module) if is_sharded(trainer.strategy) else module
+        min_steps = cfg.model.get("compile_min_steps")
+        steps = epochs * len(loader) // cfg.trainer.accumulate_grad_batches
+        with compiled(trained.model, min_steps is not None and steps >= min_steps):
+            trainer.fit(trained, train_dataloaders=loader, ckpt_path=resume, weights_only=True)
+        if trained is not module:
+            module.load_state_dict(full_state_dict(trainer.strategy.model))
+        if hasattr(logger, "experiment") and hasattr(logger.experiment, "finish"):
+            logger.experiment.finish()  # one W&B run per stage
+        return {k: float(v) for k, v in trainer.callback_metrics.items()}
+
+    def method(self, name: str):
+        if name not in self.methods:
+            raise SafetyLabError(f"method={name!r} is not one of {sorted(self.methods)}")
+        return self.methods[name]
+
+    def apply(self, base: Model, method_cfg, dataset_cfg) -> Model:
+        """`base` with the stage (method_cfg on dataset_cfg) applied: trained on first use, loaded from the store
+        afterwards. A LoRA stage returns `base.model` with the adapter attached (`.unload()` hands it back)."""
+        method = self.method(method_cfg.name)
+        trained = {}
+
+        def build(folder: Path) -> dict:
+            # every random draw of the stage (adapter initialisation, masks, data order, dropout) from its seed,
+            # whatever this process did before (e.g. pretrained the base or reused it from the store)
+            L.seed_everything(self.cfg.seed, workers=True, verbose=False)
+            trained["model"], metrics = method.train(self, base, method_cfg, dataset_cfg)
+            method.save(trained["model"], base.tokenizer, folder)
+            return metrics
+
+        folder = self.get_or_build(method.kind(method_cfg), build, base=base.id, method=method_cfg,
+                                   dataset=dataset_cfg)
+        tuned = trained["model"] if trained else method.load(base.model, folder)
+        return Model(tuned, base.tokenizer, entry_id(folder))
+
+    def base(self) -> Model:
+        """The run's base: a hub/local model as it is, or the synthetic base from its recipe; then the `align`
+        stage, if any, merged in."""
+        m = self.cfg.model
+        if m.kind == ModelKind.hf:
+            if m.gguf_file:  # dequantised once into the store, then loaded as plain safetensors
+                folder = dequantise_gguf(self.store, m.path, m.gguf_file)
+                base = Model(*load_pretrained(folder, m.dtype, quantization=m.quantization), entry_id(folder))
+            else:
+                base = Model(*load_pretrained(m.path, m.dtype, quantization=m.quantization,
+                                              allow_pickle=m.allow_pickle), str(m.path))
+        else:
+            folder = self.get_or_build("base", self.pretrain)
+            base = Model(*load_pretrained(folder), entry_id(folder))
+        if self.cfg.get("align"):
+            aligned = self.apply(base, self.cfg.align.method, self.cfg.align.dataset)
+            base = Model(merged(aligned.model), base.tokenizer, aligned.id)
+        return base
+
+    def pretrain(self, folder: Path) -> dict:
+        """Build the synthetic base into `folder`: a fresh tiny Llama trained on the world's `pretrain` view."""
+        m, p = self.cfg.model, self.cfg.model.pretrain
+        tokenizer = build_tokenizer(self.world)
+        model = tiny_llama(tokenizer, m.hidden_size, m.num_layers, m.num_heads, m.intermediate_size,
+                           m.max_position_embeddings, seed=p.seed)
+        data_cfg = OmegaConf.create({"source": "synthetic", "view": "pretrain", "n": p.n, "seed": p.seed,
+                                     "args": p.args})
+        data = TokenizedExamples(self.examples(data_cfg), tokenizer, max_length=m.max_length)
+        metrics = self.fit("pretrain", SFTModule(model, lr=p.lr, warmup_ratio=p.warmup_ratio), data, p.batch_size,
+                           p.epochs, p.seed)
+        save_pretrained(model, tokenizer, folder)
+        return metrics
