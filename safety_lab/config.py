@@ -262,6 +262,19 @@ class AnalysisConfig:
     attack: AttackConfig = field(default_factory=AttackConfig)
 
 
+class TaskName(str, Enum):
+    evaluate = "evaluate"  # the base and the run's method, side by side (safety_lab/tasks/evaluate.py)
+    fuse = "fuse"  # trained stages fused at weight λ, each λ evaluated (needs `fusion`)
+    analyse = "analyse"  # the mechanistic study (needs `analysis`)
+
+
+@dataclass
+class TaskConfig:
+    """Which kind of run this is (safety_lab/tasks/)."""
+
+    name: TaskName = TaskName.evaluate
+
+
 @dataclass
 class FusionConfig:
     """Trained stages fused into the model by a merge of `safety_lab.fusion.merges.MERGES`, then evaluated."""
@@ -277,7 +290,7 @@ def register() -> None:
     cs = ConfigStore.instance()
     for group, node in (("world", WorldSpec), ("model", ModelConfig), ("method", MethodConfig),
                         ("dataset", DatasetConfig), ("eval", EvalConfig), ("analysis", AnalysisConfig),
-                        ("fusion", FusionConfig)):
+                        ("fusion", FusionConfig), ("task", TaskConfig)):
         cs.store(group=group, name="schema", node=node)
     for name, node in (("dpo", DPOConfig), ("unlearn", UnlearnConfig), ("mask_dpo", MaskDPOConfig)):
         cs.store(group="method", name=f"schema_{name}", node=node)

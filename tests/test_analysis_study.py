@@ -8,12 +8,13 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 from omegaconf import OmegaConf
 
-from safety_lab.analysis.study import Study, findings, mechanistic_study
+from safety_lab.analysis.study import Study, findings
 from safety_lab.config import AnalysisConfig
 from safety_lab.data.template import PromptTemplate
 from safety_lab.errors import SafetyLabError
@@ -21,6 +22,7 @@ from safety_lab.eval.evaluate import evaluate
 from safety_lab.eval.judges import build_judge
 from safety_lab.models.factory import tiny_llama
 from safety_lab.stages import Model
+from safety_lab.tasks.analyse import analyse
 from safety_lab.worlds.synthetic import views
 from safety_lab.worlds.synthetic.tokenizer import build_tokenizer
 from safety_lab.worlds.synthetic.world import World, WorldSpec
@@ -75,15 +77,14 @@ def synthetic():
     return world, tokenizer, model, suites
 
 
-def _context(**analysis):
-    cfg = OmegaConf.merge(OmegaConf.structured(AnalysisConfig), {"jailbreak_suites": ["jailbreak_competing"],
-                                                                   "lipschitz_n": 4, **analysis})
-    return type("Ctx", (), {"cfg": OmegaConf.create({"analysis": cfg, "seed": 0}), "template": PromptTemplate()})
+def _analysis(**analysis):
+    return OmegaConf.merge(OmegaConf.structured(AnalysisConfig), {"jailbreak_suites": ["jailbreak_competing"],
+                                                                    "lipschitz_n": 4, **analysis})
 
 
 def _study(synthetic, tmp_path, **analysis):
     _, tokenizer, _, suites = synthetic
-    return Study(_context(**analysis), tokenizer, suites, tmp_path)
+    return Study(_analysis(**analysis), PromptTemplate(), tokenizer, suites, tmp_path)
 
 
 def _assess(synthetic):
@@ -144,7 +145,9 @@ def test_ranks_above_zero_leave_the_analyses_to_rank_zero(synthetic, tmp_path, m
 
     def assess(*args):
         raise AssertionError("rank 1 must not evaluate")
-    assert mechanistic_study(_context(), Model(model, tokenizer, "base/x"), suites, assess, tmp_path) == ({}, [])
+    cfg = OmegaConf.create({"analysis": _analysis(), "seed": 0, "method": {"name": "none"}})
+    stages = SimpleNamespace(cfg=cfg, template=PromptTemplate(), base=lambda: Model(model, tokenizer, "base/x"))
+    assert analyse(cfg, stages, SimpleNamespace(suites=suites, assess=assess), tmp_path) is None
     assert not any(tmp_path.iterdir())
 
 

@@ -32,7 +32,7 @@ from safety_lab.worlds.synthetic import views
 from safety_lab.worlds.synthetic.world import World, WorldSpec
 
 CONF = REPO / "conf"
-GROUPS = ("world", "model", "method", "dataset", "eval", "fusion", "trainer", "strategy", "logger")
+GROUPS = ("task", "world", "model", "method", "dataset", "eval", "fusion", "trainer", "strategy", "logger")
 # options whose config has a mandatory (???) value, and what to give it
 REQUIRED = {("model", "hf"): ["model.path=/models/some-model"],
             ("dataset", "jsonl"): ["dataset.path=/data/some-data.jsonl"]}

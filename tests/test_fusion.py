@@ -14,9 +14,10 @@ from peft.utils import merge_utils
 from safety_lab.config import register
 from safety_lab.errors import SafetyLabError
 from safety_lab.fusion import merges as M
-from safety_lab.fusion.apply import FusedModel, fusion_weights, stage_input
+from safety_lab.fusion.apply import FusedModel, stage_input
 from safety_lab.fusion.task_vectors import lora_factors, lora_task_vector
 from safety_lab.models.lora import attach_lora
+from safety_lab.tasks.fuse import fusion_weights
 
 REPO = Path(__file__).resolve().parents[1]
 

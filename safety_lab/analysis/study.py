@@ -8,10 +8,8 @@ run folder, and `findings.json` states the paper's claims as checks that hold or
 """
 from __future__ import annotations
 
-import copy
 import json
 import logging
-from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -20,23 +18,13 @@ from safety_lab.analysis import geometry as g
 from safety_lab.analysis import plots
 from safety_lab.analysis.attacks import logit_gradient_norms, soft_token_attack
 from safety_lab.analysis.hooks import activations, decoder_layers, steer
-from safety_lab.distributed import is_rank_zero
+from safety_lab.data.template import PromptTemplate
 from safety_lab.errors import SafetyLabError
-from safety_lab.stages import merged
 
 log = logging.getLogger(__name__)
 MLP_INPUTS = ("gate_proj", "up_proj")
 ANALYSES = ("activation_space", "column_space", "row_space", "lipschitz", "soft_tokens", "refusal_direction")
 DIRECTION_LAYERS = 0.8  # Arditi et al. skip candidate directions from the last 20% of layers
-
-
-def train_models(stages, base) -> dict[str, object]:
-    """{"base": base model, tag: base with the stage applied (merged), …}; each stage starts from its own copy."""
-    models = {"base": base.model}
-    for tag, stage in stages.cfg.analysis.models.items():
-        tuned = stages.apply(replace(base, model=copy.deepcopy(base.model)), stage.method, stage.dataset)
-        models[tag] = merged(tuned.model).eval()
-    return models
 
 
 def mlp_weights(model) -> dict[tuple[int, str], torch.Tensor]:
@@ -45,8 +33,11 @@ def mlp_weights(model) -> dict[tuple[int, str], torch.Tensor]:
 
 
 class Study:
-    def __init__(self, ctx, tokenizer, suites: dict, out: Path):
-        a = ctx.cfg.analysis
+    """The analyses of `analysis` (the config node) over models evaluated on `suites`, written into `out`; the
+    settings are checked here, before any model trains."""
+
+    def __init__(self, analysis, template: PromptTemplate, tokenizer, suites: dict, out: Path, seed: int = 0):
+        a = analysis
         for key in ("safe_suite", "unsafe_suite"):
             if a[key] not in suites:
                 raise SafetyLabError(f"analysis.{key}={a[key]!r} is not one of the eval suites {sorted(suites)}")
@@ -59,7 +50,7 @@ class Study:
         refusal = tokenizer(a.refusal, add_special_tokens=False)["input_ids"]
         if not refusal:
             raise SafetyLabError(f"analysis.refusal={a.refusal!r} tokenizes to nothing")
-        self.ctx, self.cfg, self.tokenizer, self.suites, self.out = ctx, a, tokenizer, suites, out
+        self.cfg, self.template, self.tokenizer, self.suites, self.out, self.seed = a, template, tokenizer, suites, out, seed
         self.refusal_ids = refusal[:1]
         self.prompts = [p.prompt for suite in suites.values() for p in suite]
         self.slices, start = {}, 0
@@ -69,7 +60,7 @@ class Study:
         self.unsafe = torch.tensor([p.unsafe for suite in suites.values() for p in suite])
 
     def acts(self, model):
-        return activations(model, self.tokenizer, self.ctx.template, self.prompts)
+        return activations(model, self.tokenizer, self.template, self.prompts)
 
     # ---- activation space -------------------------------------------------------------------------------------
     def activation_space(self, hidden: torch.Tensor) -> dict:
@@ -120,7 +111,7 @@ class Study:
         norms = {}
         for side in ("safe_suite", "unsafe_suite"):
             name = self.cfg[side]
-            norms[name] = logit_gradient_norms(model, self.tokenizer, self.ctx.template,
+            norms[name] = logit_gradient_norms(model, self.tokenizer, self.template,
                                                [p.prompt for p in self.suites[name][:self.cfg.lipschitz_n]])
         return {name: {"mean": float(v.mean()), "median": float(v.median()), "values": v.tolist()}
                 for name, v in norms.items()}
@@ -133,8 +124,8 @@ class Study:
         prompts, targets = [p.prompt for p in probes], [p.target for p in probes]
         results = {}
         for n in a.tokens:
-            r = soft_token_attack(model, self.tokenizer, self.ctx.template, prompts, targets, n, a.steps, a.bound,
-                                  tuple(a.report_at), seed=self.ctx.cfg.seed)
+            r = soft_token_attack(model, self.tokenizer, self.template, prompts, targets, n, a.steps, a.bound,
+                                  tuple(a.report_at), seed=self.seed)
             results[str(n)] = {"success": {str(k): v for k, v in r["success"].items()}, "loss": r["loss"],
                                "bound": r["bound"]}
         return results
@@ -151,7 +142,7 @@ class Study:
                    "safe": [p.prompt for p in self.suites[self.cfg.safe_suite]]}
 
         def score(which: str) -> float:
-            _, logits = activations(model, self.tokenizer, self.ctx.template, prompts[which])
+            _, logits = activations(model, self.tokenizer, self.template, prompts[which])
             return float(g.refusal_score(logits, self.refusal_ids).mean())
 
         result = {"baseline": {"unsafe": score("unsafe"), "safe": score("safe")}, "layers": []}
@@ -207,22 +198,11 @@ class Study:
             if "refusal_direction" in chosen:
                 results["refusal_direction"][tag] = self.refusal_direction(model, acts["resid"], assess_steered)
         results = {name: values for name, values in results.items() if values and name in chosen | {"jailbreak"}}
-        results["findings"] = findings(results, self.ctx.cfg.analysis)
+        results["findings"] = findings(results, self.cfg)
         for name, values in results.items():
             (self.out / f"{name}.json").write_text(json.dumps(values, indent=1))
         plots.draw_all(results, pca, self.slices, self.out)
         return columns, generations
-
-
-def mechanistic_study(stages, base, suites: dict, assess, out: Path) -> tuple[dict, list]:
-    """Train the study's models, analyse each; returns (metrics per model tag, generation rows) for the run."""
-    tokenizer = base.tokenizer
-    study = Study(stages, tokenizer, suites, out)  # checks the suite names before anything trains
-    models = train_models(stages, base)
-    if not is_rank_zero():  # ranks > 0 train along with rank 0 (DDP/FSDP); the analyses are rank 0's alone
-        return {}, []
-    return study.run(models, lambda model, tag: assess(model, tokenizer, tag),
-                     lambda model, names: assess(model, tokenizer, "steered", names)[0])
 
 
 def jailbreak_compliance(results: dict, tag: str, suites) -> float:

@@ -3,14 +3,14 @@
 `FusedModel` keeps a pristine fp32 copy of every weight a fusion touches and writes W = W0 + ΔW on each call, so a
 λ sweep costs one merge and one weight write per point, with no drift (peers.md §3.2: repeated bf16 merge/unmerge
 compounds error; restoring from W0 does not). `stage_input` turns a trained stage (a LoRA adapter on the model,
-or a fully fine-tuned copy) into a `FusionInput` and hands the model back untouched.
+or a fully fine-tuned copy) into a `FusionInput` and hands the model back untouched. Which stages are fused, and at
+which λ, is the fusion task's business (tasks/fuse.py).
 """
 from __future__ import annotations
 
 import torch
 from peft import PeftModel
 
-from safety_lab.errors import SafetyLabError
 from safety_lab.fusion.merges import MERGES, FusionInput, TaskVector
 from safety_lab.fusion.task_vectors import full_task_vector, lora_factors, lora_task_vector
 
@@ -58,28 +58,3 @@ class FusedModel:
         for k, p in self.params.items():
             p.copy_(self.pristine[k].to(p.dtype))
         return self.model
-
-
-def fusion_weights(fusion_cfg) -> list[float]:
-    """The λ values a `fusion` config asks for (`weights`, else `weight`), each checked against its merge before
-    any model loads; a SafetyLabError names the key, the value and what is allowed."""
-    if fusion_cfg.merge not in MERGES:
-        raise SafetyLabError(f"fusion.merge={fusion_cfg.merge!r} is not one of {sorted(MERGES)}")
-    key, weights = ("fusion.weights", list(fusion_cfg.weights)) if fusion_cfg.weights else \
-        ("fusion.weight", [fusion_cfg.weight])
-    for weight in weights:
-        try:
-            MERGES[fusion_cfg.merge].check(list(fusion_cfg.inputs), weight, dict(fusion_cfg.args))
-        except ValueError as e:
-            raise SafetyLabError(f"{key}: {e}") from None
-    return weights
-
-
-def resolve_inputs(stages, base) -> dict[str, FusionInput]:
-    """Every `fusion.inputs` stage, trained on (or reused for) `base` by recipe, as a fusion input; `base.model` is
-    left as it was."""
-    inputs = {}
-    for role, stage in stages.cfg.fusion.inputs.items():
-        tuned = stages.apply(base, stage.method, stage.dataset)
-        inputs[role] = stage_input(tuned.model, base.model, stage.get("weight", 1.0))
-    return inputs
