@@ -154,9 +154,9 @@ class MaskExport(str, Enum):
     topk = "topk"  # the `top_k` fraction of largest logits of each tensor
 
 
-class MaskMerge(str, Enum):
+class MaskMerge(str, Enum):  # merges of fusion.merges.MERGES that take any number of inputs
     task_arithmetic = "task_arithmetic"  # λ·Σ_i m ⊙ τ_i / mean(m)
-    ties = "ties"  # TIES over the masked vectors (fusion.merges.ties), as SOMF's multi-task realignment
+    ties = "ties"  # TIES over the masked vectors, times λ, as SOMF's multi-task realignment
 
 
 @dataclass
@@ -171,9 +171,9 @@ class MaskSettings:
 class MaskDPOConfig(DPOConfig):
     name: str = "mask_dpo"
     tasks: dict[str, Any] = field(default_factory=dict)  # name -> stage {method, dataset}: the task adapters
-    task_weight: float = 1.0  # λ of the merge of the masked task vectors inside the forward
+    task_weight: float = 1.0  # λ of the merge of the masked task vectors inside the forward (as fusion.weight)
     merge: MaskMerge = MaskMerge.task_arithmetic
-    merge_args: dict[str, Any] = field(default_factory=dict)  # merge=ties: keyword arguments of fusion.merges.ties
+    merge_args: dict[str, Any] = field(default_factory=dict)  # the merge's own arguments (as fusion.args)
     mask: MaskSettings = field(default_factory=MaskSettings)
     export: MaskExport = MaskExport.expected  # how the trained mask becomes the realigned model
     export_seed: int = 0  # export=sample
@@ -287,13 +287,18 @@ class FusionConfig:
 
 
 def register() -> None:
+    """Store each group's schema as `<group>/schema`, and each method's own settings (a `MethodConfig` subclass) as
+    `method/schema_<its name>`."""
     cs = ConfigStore.instance()
     for group, node in (("world", WorldSpec), ("model", ModelConfig), ("method", MethodConfig),
                         ("dataset", DatasetConfig), ("eval", EvalConfig), ("analysis", AnalysisConfig),
                         ("fusion", FusionConfig), ("task", TaskConfig)):
         cs.store(group=group, name="schema", node=node)
-    for name, node in (("dpo", DPOConfig), ("unlearn", UnlearnConfig), ("mask_dpo", MaskDPOConfig)):
-        cs.store(group="method", name=f"schema_{name}", node=node)
+    schemas = MethodConfig.__subclasses__()
+    while schemas:
+        schema = schemas.pop(0)
+        cs.store(group="method", name=f"schema_{schema.name}", node=schema)
+        schemas += schema.__subclasses__()
 
 
 # Numeric settings whose range is known, checked by key name wherever they occur (the run's method, the align, fusion

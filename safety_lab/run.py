@@ -17,6 +17,7 @@ from omegaconf import DictConfig
 from safety_lab.config import check_values
 from safety_lab.distributed import job_threads
 from safety_lab.errors import SafetyLabError
+from safety_lab.methods import build_method
 from safety_lab.stages import Stages
 from safety_lab.tasks import task_of
 from safety_lab.tasks.results import Evaluation
@@ -40,5 +41,5 @@ def run(cfg: DictConfig) -> Path | None:
     stages = Stages(cfg)
     evaluation = Evaluation(cfg, stages.world, stages.template)
     if cfg.method.name != "none":
-        stages.method(cfg.method.name).check(cfg.method)
+        build_method(cfg.method.name).check(cfg.method)
     return task(cfg, stages, evaluation, out)

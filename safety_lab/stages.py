@@ -30,7 +30,7 @@ from safety_lab.data.collate import TokenizedExamples
 from safety_lab.data.sources import load_examples
 from safety_lab.data.template import PromptTemplate
 from safety_lab.errors import SafetyLabError
-from safety_lab.methods import registry
+from safety_lab.methods import build_method
 from safety_lab.methods.sft import SFTModule
 from safety_lab.models.factory import dequantise_gguf, load_pretrained, save_pretrained, tiny_llama
 from safety_lab.models.sharding import full_state_dict, is_sharded
@@ -113,7 +113,6 @@ class Stages:
 
     def __init__(self, cfg: DictConfig):
         self.cfg = cfg
-        self.methods = registry()
 
     @cached_property
     def store(self) -> ArtifactStore:
@@ -199,15 +198,10 @@ class Stages:
             logger.experiment.finish()  # one W&B run per stage
         return {k: float(v) for k, v in trainer.callback_metrics.items()}
 
-    def method(self, name: str):
-        if name not in self.methods:
-            raise SafetyLabError(f"method={name!r} is not one of {sorted(self.methods)}")
-        return self.methods[name]
-
     def apply(self, base: Model, method_cfg, dataset_cfg) -> Model:
         """`base` with the stage (method_cfg on dataset_cfg) applied: trained on first use, loaded from the store
         afterwards. A LoRA stage returns `base.model` with the adapter attached (`.unload()` hands it back)."""
-        method = self.method(method_cfg.name)
+        method = build_method(method_cfg.name)
         trained = {}
 
         def build(folder: Path) -> dict:

@@ -11,6 +11,7 @@ from helpers import REPO
 from test_config import compose_resolved
 
 from safety_lab.errors import SafetyLabError
+from safety_lab.methods import METHODS, build_method
 from safety_lab.tasks import TASKS, task_of
 
 PACKAGE = REPO / "safety_lab"
@@ -54,6 +55,16 @@ def test_no_module_imports_another_modules_private_names(part):
             if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("safety_lab"):
                 private = [a.name for a in node.names if a.name.startswith("_") and not a.name.startswith("__")]
                 assert not private, f"{path.relative_to(REPO)} imports {private} from {node.module}"
+
+
+def test_every_method_config_names_a_registered_method_and_back(tmp_path):
+    """A method is its module (registered with @method) plus its YAML: each YAML's name is registered, and each
+    registered method has its YAML."""
+    names = {}
+    for path in sorted((REPO / "conf" / "method").glob("*.yaml")):
+        names[path.stem] = compose_resolved([f"method={path.stem}"], tmp_path)["method"]["name"]
+    assert all(name == "none" or build_method(name).name == name for name in names.values())
+    assert set(METHODS) == set(names.values()) - {"none"} and all(stem == name for stem, name in names.items())
 
 
 def task_config(tmp_path, *overrides: str):

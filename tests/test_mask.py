@@ -8,7 +8,7 @@ import pytest
 import torch
 from conftest import build_tiny_llama
 
-from safety_lab.fusion.mask import ConcreteMask, export_mask, factor_deltas, masked_deltas, relaxed_bernoulli, rescaled
+from safety_lab.fusion.mask import ConcreteMask, export_mask, factor_deltas, relaxed_bernoulli, rescaled
 from safety_lab.fusion.task_vectors import lora_factors, lora_task_vector
 from safety_lab.methods.mask_dpo import MaskedPolicy, density_per_layer
 from safety_lab.models.lora import attach_lora
@@ -25,8 +25,6 @@ def test_rescaled_divides_by_the_mean_of_the_mask():
     tau, mask = torch.tensor([1.0, 2.0, 3.0, 4.0]), torch.tensor([1.0, 0.0, 1.0, 0.0])
     assert rescaled(tau, mask).tolist() == [2.0, 0.0, 6.0, 0.0]
     assert rescaled(tau, torch.zeros(4)).tolist() == [0.0] * 4
-    two = masked_deltas([{"w": tau}, {"w": torch.ones(4)}], {"w": mask}, weight=0.5)
-    assert two["w"].tolist() == [0.5 * (2 + 2), 0.0, 0.5 * (6 + 2), 0.0]
 
 
 def test_export_modes():
@@ -103,14 +101,15 @@ def test_factor_space_masks_a_and_b_separately(lora_model):
     factors = {k: v * 2.0 if k.endswith(".lora_B") else v for k, v in lora_factors(peft).items()}  # scaling 8/4
     dense = lora_task_vector(peft)
     ones = {k: torch.ones_like(v) for k, v in factors.items()}
-    for name, delta in factor_deltas(masked_deltas([factors], ones)).items():
+    for name, delta in factor_deltas({k: rescaled(v, ones[k]) for k, v in factors.items()}).items():
         assert torch.allclose(delta, dense[name], atol=1e-6)
     name = next(iter(dense))
     half = {k: (torch.arange(v.numel()) % 2).float().view_as(v) for k, v in factors.items()}
     a, b = factors[f"{name}.lora_A"], factors[f"{name}.lora_B"]
     ma, mb = half[f"{name}.lora_A"], half[f"{name}.lora_B"]
     expected = (b * mb / mb.mean()) @ (a * ma / ma.mean())
-    assert torch.allclose(factor_deltas(masked_deltas([factors], half))[name], expected, atol=1e-6)
+    assert torch.allclose(factor_deltas({k: rescaled(v, half[k]) for k, v in factors.items()})[name], expected,
+                          atol=1e-6)
 
 
 def test_shared_mask_under_ties_inside_the_forward(lora_model):
@@ -123,7 +122,9 @@ def test_shared_mask_under_ties_inside_the_forward(lora_model):
     policy = MaskedPolicy(model, [tau, other], weight=0.7, mask=mask, merge="ties", merge_args={"density": 0.5})
     fixed = {n: torch.bernoulli(torch.full(t.shape, 0.5), generator=torch.Generator().manual_seed(2))
              for n, t in tau.items()}
-    expected = ties([{n: rescaled(t[n], fixed[n]) for n in t} for t in (tau, other)], [0.7, 0.7], density=0.5)
+    # through the merge registry: each masked vector at weight 1, λ = 0.7 scales the merged vector
+    expected = ties([{n: rescaled(t[n], fixed[n]) for n in t} for t in (tau, other)], [1.0, 1.0], density=0.5,
+                    scale=0.7)
     deltas = policy.deltas(fixed)
     assert all(torch.allclose(deltas[n], expected[n]) for n in tau)
     ids = torch.randint(4, 50, (1, 5), generator=torch.Generator().manual_seed(0))

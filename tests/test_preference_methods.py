@@ -12,7 +12,7 @@ from test_config import CONF
 from test_pipeline import cli
 
 from safety_lab.errors import SafetyLabError
-from safety_lab.methods import registry
+from safety_lab.methods import build_method
 
 FAST_REALIGN = ["+experiment=realign", "+debug=fast", "method.tasks.obey.dataset.n=64", "align.dataset.n=64"]
 
@@ -57,12 +57,14 @@ def test_realign_trains_the_mask_once_for_every_export(runs):
     (["method=unlearn", "method.fixed_length=159"], "method.logp=fixed"),
     (["method=mask_dpo"], "method.tasks"),
     (["+experiment=realign", "method.export=topk", "method.top_k=1.5"], "method.top_k"),
+    (["+experiment=realign", "+method.merge_args.density=0.2"], "method.merge / method.merge_args: merge "
+                                                                 "'task_arithmetic'"),
 ])
 def test_incompatible_settings_fail_before_any_model_loads(overrides, culprit):
     """`Method.check` runs right after composition (run.py), with one line naming the key."""
     method = composed(overrides).method
     with pytest.raises(SafetyLabError, match=culprit.replace(".", r"\.")):
-        registry()[method.name].check(method)
+        build_method(method.name).check(method)
 
 
 def test_unknown_unlearning_loss_fails_at_composition():

@@ -55,8 +55,8 @@ def test_somf_wizardlm_has_the_seeds_settings():
     assert sorted(c.method.tasks) == ["en", "hindi", "math", "zh"]
     assert all(t.method.lr == 5e-5 and t.method.lora.r == 256 for t in c.method.tasks.values())
     assert c.method.name == "mask_dpo" and c.method.mask.space == "factors" and c.method.mask.init_logit == 0
-    assert c.method.merge == "ties" and dict(c.method.merge_args) == {"density": 0.2, "scale": 0.4,
-                                                                        "disjoint": "sum", "scope": "global"}
+    assert c.method.merge == "ties" and c.method.task_weight == 0.4
+    assert dict(c.method.merge_args) == {"density": 0.2, "disjoint": "sum", "scope": "global"}
     assert c.dataset.preferences and c.dataset.split == "test" and c.dataset.n == 5135
     assert set(c.eval.suites) == {"beavertails", "catqa", "dangerousqa", "harmfulqa", "shadow_alignment"}
 

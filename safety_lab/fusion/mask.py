@@ -4,7 +4,8 @@ A mask holds one logit ℓ per entry of each task-vector tensor; m ~ RelaxedBern
 masked update m ⊙ τ / mean(m) (per-tensor mean rescaling, an inverted-dropout normalisation) is differentiable
 w.r.t. ℓ. A trained mask is exported as σ(ℓ) (`expected`), 1[σ(ℓ) > 0.5] (`threshold`), one seeded Bernoulli
 draw (`sample`) or the top-k fraction of each tensor (`topk`). One mask can be shared by several task vectors that
-are merged inside the forward pass (SOMF's multi-task realignment). Logits are saved as safetensors.
+are merged inside the forward pass by a merge of `merges.py` (SOMF's multi-task realignment, methods/mask_dpo.py).
+Logits are saved as safetensors.
 """
 from __future__ import annotations
 
@@ -27,12 +28,6 @@ def rescaled(tau: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """m ⊙ τ / mean(m): the kept coordinates scaled up by the mask's density (zero if nothing is kept)."""
     density = mask.mean()
     return tau * mask / density if density > 0 else torch.zeros_like(tau)
-
-
-def masked_deltas(taus: list[dict[str, torch.Tensor]], masks: dict[str, torch.Tensor],
-                  weight: float = 1.0) -> dict[str, torch.Tensor]:
-    """Task arithmetic over masked task vectors sharing one mask: weight · Σ_i m ⊙ τ_i / mean(m), per tensor."""
-    return {name: weight * sum(rescaled(tau[name], mask) for tau in taus) for name, mask in masks.items()}
 
 
 def export_mask(logits: torch.Tensor, mode: str, seed: int = 0, top_k: float = 0.5) -> torch.Tensor:

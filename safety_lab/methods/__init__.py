@@ -1,15 +1,21 @@
-"""Training methods, selected with `method=<name>`: each is a `Method` registered in `METHODS`.
+"""Training methods, selected with `method=<name>`: each is a `Method` subclass registered with `@method("<name>")`.
 
 A method turns a base model and a dataset into a tuned model; `Stages.apply` stores its output as an artifact named by
 its recipe and loads it back on reuse. Methods that train a LoRA adapter inherit saving and loading from `Method`.
+A new method is its module here (found by `build_method`, which imports every module of this package) and its YAML,
+`conf/method/<name>.yaml`, starting from `schema` or from the schema of its own settings: a `MethodConfig` subclass
+in config.py whose `name` defaults to the method's, stored as `schema_<name>` (docs/architecture.md).
 """
 from __future__ import annotations
 
+import importlib
+import pkgutil
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from peft import PeftModel
 
+from safety_lab.errors import SafetyLabError
 from safety_lab.models.factory import load_pretrained, save_pretrained
 from safety_lab.models.lora import load_adapter, save_adapter
 
@@ -18,7 +24,7 @@ if TYPE_CHECKING:
 
 
 class Method:
-    name: str
+    name: str  # set by @method
 
     def train(self, stages: Stages, base: Model, method_cfg, dataset_cfg):
         """(`base.model` tuned — a PeftModel for adapter methods —, metrics of its training), fitted through
@@ -38,10 +44,22 @@ class Method:
         return load_adapter(model, folder) if (folder / "adapter_config.json").exists() else load_pretrained(folder)[0]
 
 
-def registry() -> dict[str, Method]:
-    from safety_lab.methods.dpo import DPO
-    from safety_lab.methods.mask_dpo import MaskDPO
-    from safety_lab.methods.sft import SFT
-    from safety_lab.methods.unlearn import Unlearn
+METHODS: dict[str, type[Method]] = {}
 
-    return {m.name: m for m in (SFT(), DPO(), Unlearn(), MaskDPO())}
+
+def method(name: str):
+    """Class decorator: registers a `Method` subclass as `method=<name>`."""
+    def register(cls: type[Method]) -> type[Method]:
+        cls.name = name
+        METHODS[name] = cls
+        return cls
+    return register
+
+
+def build_method(name: str) -> Method:
+    """The method registered as `name` (every module of this package imported first, so each has registered)."""
+    for module in pkgutil.iter_modules(__path__):
+        importlib.import_module(f"{__name__}.{module.name}")
+    if name not in METHODS:
+        raise SafetyLabError(f"method={name!r} is not one of {sorted(METHODS)}")
+    return METHODS[name]()

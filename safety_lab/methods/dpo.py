@@ -3,6 +3,7 @@ rejected, cached reference log-probs), with optionally asymmetric betas (Jain et
 from __future__ import annotations
 
 from safety_lab.errors import SafetyLabError
+from safety_lab.methods import method
 from safety_lab.methods.losses import dpo_loss, normalise_logps
 from safety_lab.methods.pairs import Objective, PairMethod, check_logp_settings
 
@@ -22,6 +23,6 @@ def dpo_objective(cfg) -> Objective:
     return objective
 
 
+@method("dpo")
 class DPO(PairMethod):
-    name = "dpo"
     objective = staticmethod(dpo_objective)

@@ -3,8 +3,9 @@
 The task adapters come from stage recipes (`method.tasks.<name>: {method, dataset}`) applied to the base the method
 is given (the aligned model) through `Stages.apply`, so each is trained once and shared with any run that names the
 same recipe. Their task vectors τ_i (dense ΔW per adapted weight, or the LoRA factors with `mask.space=factors`) stay
-fixed; the policy is θ_safe + λ·Σ_i m ⊙ τ_i / mean(m) (or TIES over the masked τ_i, `merge=ties`), evaluated with
-`torch.func.functional_call` so it is differentiable w.r.t. the mask logits, with a fresh Concrete sample m per
+fixed; the policy is θ_safe plus the registered merge `merge` (fusion.merges.MERGES) of the masked τ_i at weight λ:
+λ·Σ_i m ⊙ τ_i / mean(m) for `task_arithmetic`, TIES over the masked τ_i for `ties`. It is evaluated with
+`torch.func.functional_call`, so it is differentiable w.r.t. the mask logits, with a fresh Concrete sample m per
 forward. The reference is deterministic: the unmasked fine-tuned
 model θ_safe + λ·Σ_i τ_i (SOMF's code re-samples a random mask for it). The trained logits are a `mask` artifact
 (exports do not retrain it); the run's own artifact is the realigned model for the chosen `export`.
@@ -20,10 +21,10 @@ from torch.func import functional_call
 
 from safety_lab.config import plain
 from safety_lab.errors import SafetyLabError
-from safety_lab.fusion.mask import ConcreteMask, factor_deltas, masked_deltas, rescaled
-from safety_lab.fusion.merges import ties
+from safety_lab.fusion.mask import ConcreteMask, factor_deltas, rescaled
+from safety_lab.fusion.merges import MERGES, FusionInput
 from safety_lab.fusion.task_vectors import lora_factors, lora_task_vector
-from safety_lab.methods import Method
+from safety_lab.methods import Method, method
 from safety_lab.methods.dpo import dpo_objective
 from safety_lab.methods.pairs import disable_dropout, fit_pairs, preference_data, reference_logps, weights_hash
 
@@ -32,15 +33,16 @@ EXPORT_KEYS = ("export", "export_seed", "top_k")  # how a trained mask is used, 
 
 
 class MaskedPolicy(torch.nn.Module):
-    """A frozen model whose adapted weights are W0 + λ·Σ_i m ⊙ τ_i / mean(m); the mask's logits are the only
-    trainable parameters. `masks` fixes m (e.g. all ones: the reference); otherwise each forward samples it."""
+    """A frozen model whose adapted weights are W0 + merge({m ⊙ τ_i / mean(m)}, λ) (task arithmetic: λ·Σ_i …); the
+    mask's logits are the only trainable parameters. `masks` fixes m (e.g. all ones: the reference); otherwise each
+    forward samples it."""
 
     def __init__(self, model: torch.nn.Module, taus: list[dict[str, torch.Tensor]], weight: float = 1.0,
                  factors: bool = False, mask: ConcreteMask | None = None, merge: str = "task_arithmetic",
                  merge_args: dict | None = None):
         super().__init__()
         self.model, self.weight, self.factors, self.mask = model.requires_grad_(False), weight, factors, mask
-        self.merge_name, self.merge_args = merge, dict(merge_args or {})
+        self.merging, self.merge_args = MERGES[merge], dict(merge_args or {})
         self.masks: dict[str, torch.Tensor] | None = None
         self.names = list(taus[0])
         for i, tau in enumerate(taus):  # buffers, so they follow the module to its device, but stay out of checkpoints
@@ -55,11 +57,9 @@ class MaskedPolicy(torch.nn.Module):
 
     def deltas(self, masks: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Dense ΔW per adapted weight, keyed by the model's parameter name."""
-        if self.merge_name == "ties":
-            masked = [{name: rescaled(tau[name], mask) for name, mask in masks.items()} for tau in self.taus]
-            merged = ties(masked, [self.weight] * len(masked), **self.merge_args)
-        else:
-            merged = masked_deltas(self.taus, masks, self.weight)
+        masked = {str(i): FusionInput({name: rescaled(tau[name], mask) for name, mask in masks.items()})
+                  for i, tau in enumerate(self.taus)}
+        merged = self.merging.fuse(masked, self.weight, **self.merge_args)
         return factor_deltas(merged) if self.factors else merged
 
     def ones(self) -> dict[str, torch.Tensor]:
@@ -111,8 +111,8 @@ def density_per_layer(density: dict[str, float], shapes: dict[str, torch.Size]) 
     return {k: kept[k] / total[k] for k in sorted(kept)}
 
 
+@method("mask_dpo")
 class MaskDPO(Method):
-    name = "mask_dpo"
 
     def check(self, cfg) -> None:
         dpo_objective(cfg)
@@ -122,6 +122,10 @@ class MaskDPO(Method):
             if not stage.get("method") or not stage.method.get("lora") or not stage.get("dataset"):
                 raise SafetyLabError(f"method.tasks.{name} must be a stage with a LoRA method and a dataset "
                                      "(mask-DPO masks a LoRA task vector)")
+        try:
+            MERGES[cfg.merge].check(list(cfg.tasks), cfg.task_weight, plain(cfg.merge_args))
+        except ValueError as e:
+            raise SafetyLabError(f"method.merge / method.merge_args: {e}") from None
         if cfg.export == "topk" and not 0 < cfg.top_k <= 1:
             raise SafetyLabError(f"method.top_k must be in (0, 1], got {cfg.top_k}")
 

@@ -14,7 +14,7 @@ import torch
 
 from safety_lab.config import plain
 from safety_lab.data.collate import IGNORE, TokenizedExamples
-from safety_lab.methods import Method
+from safety_lab.methods import Method, method
 from safety_lab.methods.losses import token_cross_entropy
 from safety_lab.models.lora import trainable
 from safety_lab.models.sharding import shard
@@ -57,8 +57,8 @@ class SFTModule(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
 
+@method("sft")
 class SFT(Method):
-    name = "sft"
 
     def train(self, stages, base, method_cfg, dataset_cfg):
         m = method_cfg

@@ -8,8 +8,9 @@ machinery's (`pairs.py`).
 from __future__ import annotations
 
 from safety_lab.errors import SafetyLabError
-from safety_lab.methods.pairs import PairMethod, check_logp_settings
+from safety_lab.methods import method
 from safety_lab.methods.losses import ascent_term, normalise_logps, npo_term, unlearning_loss
+from safety_lab.methods.pairs import PairMethod, check_logp_settings
 
 
 def unlearn_objective(cfg):
@@ -32,8 +33,8 @@ def unlearn_objective(cfg):
     return objective
 
 
+@method("unlearn")
 class Unlearn(PairMethod):
-    name = "unlearn"
     objective = staticmethod(unlearn_objective)
 
     def needs_reference(self, cfg) -> bool:
