@@ -250,8 +250,7 @@ class AnalysisConfig:
     """The mechanistic study (safety_lab.analysis.study): which models, which suites play which part."""
 
     models: dict[str, Any] = field(default_factory=dict)  # tag -> stage {method, dataset} applied to the base
-    analyses: list[str] = field(default_factory=lambda: [  # which analyses run (analysis/study.py ANALYSES)
-        "activation_space", "column_space", "row_space", "lipschitz", "soft_tokens", "refusal_direction"])
+    analyses: Optional[list[str]] = None  # which analyses run (analysis/study.py ANALYSES); null: all of them
     safe_suite: str = "utility"
     unsafe_suite: str = "harmful"
     jailbreak_suites: list[str] = field(default_factory=lambda: ["jailbreak_competing", "jailbreak_mismatch"])

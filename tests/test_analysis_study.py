@@ -14,7 +14,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from safety_lab.analysis.study import Study, findings
+from safety_lab.analysis.study import ANALYSES, Study, findings
 from safety_lab.config import AnalysisConfig
 from safety_lab.data.template import PromptTemplate
 from safety_lab.errors import SafetyLabError
@@ -52,7 +52,8 @@ def test_findings_state_each_claim_as_a_check_on_the_numbers():
     assert checks["silhouette_up"]["sft_a"]["holds"] and not checks["silhouette_up"]["sft_b"]["holds"]
     assert checks["jailbreaks_closer_to_safe"]["sft_a"]["jb"]["holds"]
     assert not checks["jailbreaks_closer_to_safe"]["sft_b"]["jb"]["holds"]
-    assert checks["row_space_carries_unsafe"]["sft_a"]["holds"] and not checks["row_space_carries_unsafe"]["sft_b"]["holds"]
+    row = checks["row_space_carries_unsafe"]
+    assert row["sft_a"]["holds"] and not row["sft_b"]["holds"]
     lr = checks["smaller_lr"]["sft"]
     assert lr["models"] == {"low": "sft_b", "high": "sft_a"}
     assert lr["changes_weights_less_holds"] and lr["easier_to_jailbreak_holds"]
@@ -108,8 +109,9 @@ def test_study_writes_each_chosen_analysis_and_compares_tuned_weights_with_the_b
     assess = _assess(synthetic)
     columns, rows = study.run({"base": model, "tuned": tuned}, assess, lambda m, names: assess(m, "steered", names)[0])
     assert set(columns) == {"base", "tuned"} and len(rows) == 2 * 36
-    for name in ("activation_space", "column_space", "row_space", "lipschitz", "soft_tokens", "refusal_direction",
-                 "jailbreak"):
+    assert list(ANALYSES) == ["activation_space", "column_space", "row_space", "lipschitz", "soft_tokens",
+                              "refusal_direction"]
+    for name in (*ANALYSES, "jailbreak"):  # analysis.analyses null: every registered analysis
         assert (tmp_path / f"{name}.json").exists() and (tmp_path / f"{name}.png").exists(), name
     row = json.loads((tmp_path / "row_space.json").read_text())["tuned"]["matrices"]
     assert row["layer0.up_proj"]["safe"][0] > 0 and max(row["layer1.gate_proj"]["safe"]) == 0  # ΔW = 0 there

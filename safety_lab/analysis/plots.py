@@ -1,4 +1,5 @@
-"""PNG figures of the mechanistic study, one per analysis, drawn from the numbers written to its JSON."""
+"""PNG figures of the mechanistic study, one per analysis (each registered beside its analysis in study.py), drawn
+from the numbers written to its JSON; plus the PCA grid of the activation space and the jailbreak rates."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -141,14 +142,3 @@ def jailbreak(values: dict, out: Path) -> None:
     ax.legend(fontsize=6)
     ax.set_ylabel("rate", fontsize=7)
     _save(fig, out / "jailbreak.png")
-
-
-def draw_all(results: dict, pca: dict, slices: dict, out: Path) -> None:
-    """One PNG per analysis present in `results` (plus the PCA grid beside activation_space)."""
-    if pca:
-        activation_pca(pca, slices, out)
-    for name, draw in (("activation_space", activation_space), ("column_space", column_space),
-                       ("row_space", row_space), ("lipschitz", lipschitz), ("soft_tokens", soft_tokens),
-                       ("refusal_direction", refusal_direction), ("jailbreak", jailbreak)):
-        if name in results:
-            draw(results[name], out)

@@ -1,16 +1,20 @@
-"""The mechanistic study (Jain et al. 2024, plus Arditi et al.'s refusal direction) as one run.
+"""The mechanistic study (Jain et al. 2024, plus Arditi et al.'s refusal direction): its analyses and their findings.
 
-From the base, each stage in `analysis.models` (e.g. SSFT, DPO, unlearning at a large and a 10× smaller learning
-rate) is trained once through the store and merged; then every model is evaluated on the run's suites and
-analysed: activation space, column and row space of the MLP input weights against the base, Lipschitzness, the
-soft-token attack and the refusal direction. Each analysis writes `<analysis>.json` and `<analysis>.png` into the
-run folder, and `findings.json` states the paper's claims as checks that hold or fail on this run.
+`tasks/analyse.py` trains the models (the base, and each stage of `analysis.models` applied to it) and hands them to
+`Study.run`, which evaluates every model on the run's suites and runs each analysis of `analysis.analyses` (all of
+them when null) on it: activation space, column and row space of the MLP input weights against the base,
+Lipschitzness, the soft-token attack and the refusal direction. An analysis is one function registered with
+`@analysis(name, draw)`: it returns its JSON-able result for one model (None where it does not apply) and `draw`
+makes its figure from the results of every model. Each writes `<analysis>.json` and `<analysis>.png` into the run
+folder, and `findings.json` states the paper's claims as checks that hold or fail on this run.
 """
 from __future__ import annotations
 
 import json
 import logging
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -23,8 +27,36 @@ from safety_lab.errors import SafetyLabError
 
 log = logging.getLogger(__name__)
 MLP_INPUTS = ("gate_proj", "up_proj")
-ANALYSES = ("activation_space", "column_space", "row_space", "lipschitz", "soft_tokens", "refusal_direction")
 DIRECTION_LAYERS = 0.8  # Arditi et al. skip candidate directions from the last 20% of layers
+
+
+@dataclass
+class Subject:
+    """One model under analysis: its tag, the model, the base it was tuned from, its activations on every prompt of
+    the suites (`hooks.activations`), and its evaluation on the named suites as it is at the moment (e.g. steered)."""
+
+    tag: str
+    model: torch.nn.Module
+    base: torch.nn.Module
+    acts: dict[str, torch.Tensor]
+    assess: Callable[[list[str]], dict]
+
+
+@dataclass(frozen=True)
+class Analysis:
+    run: Callable  # (study, subject) -> its JSON-able result for that model, or None where it does not apply
+    draw: Callable[[dict, Path], None]  # (results per model tag, run folder): writes <name>.png
+
+
+ANALYSES: dict[str, Analysis] = {}  # in the order they run on each model
+
+
+def analysis(name: str, draw: Callable[[dict, Path], None]):
+    """Registers `fn(study, subject) -> dict | None` as the analysis `name` (`analysis.analyses`), drawn by `draw`."""
+    def register(fn):
+        ANALYSES[name] = Analysis(fn, draw)
+        return fn
+    return register
 
 
 def mlp_weights(model) -> dict[tuple[int, str], torch.Tensor]:
@@ -32,9 +64,13 @@ def mlp_weights(model) -> dict[tuple[int, str], torch.Tensor]:
             for i, layer in enumerate(decoder_layers(model)) for name in MLP_INPUTS}
 
 
+def mean_of(values: dict, key: str) -> float:
+    return sum(v[key] for v in values.values()) / len(values)
+
+
 class Study:
-    """The analyses of `analysis` (the config node) over models evaluated on `suites`, written into `out`; the
-    settings are checked here, before any model trains."""
+    """The analyses of `analysis` (the config node) over models evaluated on `suites`, written into `out`; its
+    settings are checked on construction, before any model trains."""
 
     def __init__(self, analysis, template: PromptTemplate, tokenizer, suites: dict, out: Path, seed: int = 0):
         a = analysis
@@ -43,139 +79,36 @@ class Study:
                 raise SafetyLabError(f"analysis.{key}={a[key]!r} is not one of the eval suites {sorted(suites)}")
         for name in a.jailbreak_suites:
             if name not in suites:
-                raise SafetyLabError(f"analysis.jailbreak_suites: {name!r} is not one of the eval suites {sorted(suites)}")
-        for name in a.analyses:
+                raise SafetyLabError(f"analysis.jailbreak_suites: {name!r} is not one of the eval suites "
+                                     f"{sorted(suites)}")
+        for name in a.analyses or ():
             if name not in ANALYSES:
                 raise SafetyLabError(f"analysis.analyses: {name!r} is not one of {list(ANALYSES)}")
         refusal = tokenizer(a.refusal, add_special_tokens=False)["input_ids"]
         if not refusal:
             raise SafetyLabError(f"analysis.refusal={a.refusal!r} tokenizes to nothing")
-        self.cfg, self.template, self.tokenizer, self.suites, self.out, self.seed = a, template, tokenizer, suites, out, seed
+        self.cfg, self.template, self.tokenizer, self.suites, self.out = a, template, tokenizer, suites, out
+        self.seed = seed
+        self.chosen = [name for name in ANALYSES if a.analyses is None or name in a.analyses]
         self.refusal_ids = refusal[:1]
         self.prompts = [p.prompt for suite in suites.values() for p in suite]
         self.slices, start = {}, 0
         for name, suite in suites.items():
             self.slices[name] = slice(start, start + len(suite))
             start += len(suite)
-        self.unsafe = torch.tensor([p.unsafe for suite in suites.values() for p in suite])
+        self.pca: dict[str, list] = {}  # activation_space's 2-D projections per model, for its PCA figure only
 
-    def acts(self, model):
-        return activations(model, self.tokenizer, self.template, self.prompts)
-
-    # ---- activation space -------------------------------------------------------------------------------------
-    def activation_space(self, hidden: torch.Tensor) -> dict:
-        """Per layer: silhouette and probe accuracy of safe vs unsafe, and every suite's distance to both means.
-        Means come from the even-indexed samples of the safe and unsafe suites; the odd ones are held out."""
-        safe, unsafe = self.slices[self.cfg.safe_suite], self.slices[self.cfg.unsafe_suite]
-        both = torch.cat([torch.arange(len(self.prompts))[safe], torch.arange(len(self.prompts))[unsafe]])
-        labels = torch.cat([torch.zeros(safe.stop - safe.start), torch.ones(unsafe.stop - unsafe.start)]).bool()
-        layers = []
-        for x in hidden:
-            means = {"safe": x[safe][::2].mean(0), "unsafe": x[unsafe][::2].mean(0)}
-            suites = {}
-            for name, part in self.slices.items():
-                held_out = slice(part.start + 1, part.stop, 2) if part in (safe, unsafe) else part
-                rows = x[held_out]
-                d = {to: g.cluster_distances(rows, mean) for to, mean in means.items()}
-                suites[name] = {f"{metric}_to_{to}": float(d[to][metric].mean()) for to in means
-                                for metric in ("cosine", "l2")}
-                suites[name]["relative_l2"] = float((d["safe"]["l2"] / (d["safe"]["l2"] + d["unsafe"]["l2"])).mean())
-            layers.append({"silhouette": g.silhouette(x[both], labels), "probe_accuracy": g.probe_accuracy(x[both], labels),
-                           "suites": suites})
-        return {"layers": layers, "silhouette_mean": sum(l["silhouette"] for l in layers) / len(layers)}
-
-    # ---- weights against the base -----------------------------------------------------------------------------
-    def weight_spaces(self, tuned, base, mlp_in: torch.Tensor) -> tuple[dict, dict]:
-        """(column space: sines of the tuned top-k directions to the base's top-k subspace; row space: projections
-        of safe and unsafe MLP inputs on the top right singular vectors of ΔW = W_ft − W_pre)."""
-        safe, unsafe = self.slices[self.cfg.safe_suite], self.slices[self.cfg.unsafe_suite]
-        before, after = mlp_weights(base), mlp_weights(tuned)
-        column, row = {}, {}
-        for (i, name), w_pre in before.items():
-            w_ft, key = after[(i, name)], f"layer{i}.{name}"
-            sines = g.column_space_sines(w_ft, w_pre, self.cfg.energy)
-            column[key] = {"sines": sines.tolist(), "mean_sine": float(sines.mean()),
-                           "relative_change": float((w_ft - w_pre).norm() / w_pre.norm())}
-            delta = w_ft - w_pre
-            proj_safe = g.row_space_projections(delta, mlp_in[i][safe], self.cfg.row_space_k).mean(0)
-            proj_unsafe = g.row_space_projections(delta, mlp_in[i][unsafe], self.cfg.row_space_k).mean(0)
-            row[key] = {"safe": proj_safe.tolist(), "unsafe": proj_unsafe.tolist(),
-                        "unsafe_over_safe": float(proj_unsafe.sum() / proj_safe.sum().clamp(min=1e-12))}
-        summary = lambda d, k: sum(v[k] for v in d.values()) / len(d)  # noqa: E731
-        return ({"matrices": column, "mean_sine": summary(column, "mean_sine"),
-                 "relative_change": summary(column, "relative_change")},
-                {"matrices": row, "unsafe_over_safe": summary(row, "unsafe_over_safe")})
-
-    # ---- input space ------------------------------------------------------------------------------------------
-    def lipschitz(self, model) -> dict:
-        norms = {}
-        for side in ("safe_suite", "unsafe_suite"):
-            name = self.cfg[side]
-            norms[name] = logit_gradient_norms(model, self.tokenizer, self.template,
-                                               [p.prompt for p in self.suites[name][:self.cfg.lipschitz_n]])
-        return {name: {"mean": float(v.mean()), "median": float(v.median()), "values": v.tolist()}
-                for name, v in norms.items()}
-
-    def soft_tokens(self, model) -> dict:
-        """Success of the attack vs number of soft tokens and steps, on the first `attack.n` unsafe prompts of the
-        unsafe suite (success at step 0 is the model's compliance without an attack)."""
-        a = self.cfg.attack
-        probes = [p for p in self.suites[self.cfg.unsafe_suite] if p.unsafe][:a.n]
-        prompts, targets = [p.prompt for p in probes], [p.target for p in probes]
-        results = {}
-        for n in a.tokens:
-            r = soft_token_attack(model, self.tokenizer, self.template, prompts, targets, n, a.steps, a.bound,
-                                  tuple(a.report_at), seed=self.seed)
-            results[str(n)] = {"success": {str(k): v for k, v in r["success"].items()}, "loss": r["loss"],
-                               "bound": r["bound"]}
-        return results
-
-    # ---- refusal direction ------------------------------------------------------------------------------------
-    def refusal_direction(self, model, resid: torch.Tensor, assess_steered) -> dict:
-        """Difference of means of the residual stream per layer; refusal scores under ablation (unsafe prompts) and
-        addition (safe prompts); the selected direction's effect on generated refusals. A layer whose safe and unsafe
-        means coincide (layer 0, where every prompt ends in the same token) has no direction and no scores. Selection
-        as Arditi et al.: the lowest ablated score outside the last 20% of layers (any layer if none is left)."""
+    def sides(self) -> tuple[slice, slice, torch.Tensor]:
+        """(rows of the safe suite, rows of the unsafe suite, their labels: False safe, True unsafe)."""
         safe, unsafe = self.slices[self.cfg.safe_suite], self.slices[self.cfg.unsafe_suite]
         labels = torch.cat([torch.zeros(safe.stop - safe.start), torch.ones(unsafe.stop - unsafe.start)]).bool()
-        prompts = {"unsafe": [p.prompt for p in self.suites[self.cfg.unsafe_suite]],
-                   "safe": [p.prompt for p in self.suites[self.cfg.safe_suite]]}
+        return safe, unsafe, labels
 
-        def score(which: str) -> float:
-            _, logits = activations(model, self.tokenizer, self.template, prompts[which])
-            return float(g.refusal_score(logits, self.refusal_ids).mean())
-
-        result = {"baseline": {"unsafe": score("unsafe"), "safe": score("safe")}, "layers": []}
-        directions = []
-        for i, x in enumerate(resid):
-            r = g.difference_of_means(torch.cat([x[safe], x[unsafe]]), labels)
-            directions.append(r)
-            if r.norm() < 1e-6:
-                result["layers"].append({"norm": float(r.norm()), "ablated_unsafe": None, "added_safe": None})
-                continue
-            with steer(model, r, "ablate"):
-                ablated = score("unsafe")
-            with steer(model, r, "add", layer=i):
-                added = score("safe")
-            result["layers"].append({"norm": float(r.norm()), "ablated_unsafe": ablated, "added_safe": added})
-        scored = [i for i, layer in enumerate(result["layers"]) if layer["ablated_unsafe"] is not None]
-        early = [i for i in scored if i < int(len(resid) * DIRECTION_LAYERS)]
-        result["selected_layer"] = best = min(early or scored, key=lambda i: result["layers"][i]["ablated_unsafe"],
-                                              default=None)
-        if best is None:
-            return result
-        with steer(model, directions[best], "ablate"):
-            result["ablated_generation"] = assess_steered(model, [self.cfg.unsafe_suite])
-        with steer(model, directions[best], "add", layer=best):
-            result["added_generation"] = assess_steered(model, [self.cfg.safe_suite])
-        return result
-
-    # ---- everything -------------------------------------------------------------------------------------------
     def run(self, models: dict, assess, assess_steered) -> tuple[dict, list]:
+        """Evaluate (`assess(model, tag) -> (metrics, rows)`) and analyse every model of `models` (the base first,
+        as "base"); write each analysis's JSON and figure and the findings; returns (metrics per tag, rows)."""
         columns, generations = {}, []
-        chosen = set(self.cfg.analyses)
-        results = {k: {} for k in (*ANALYSES, "jailbreak")}
-        pca = {}
+        results = {name: {} for name in (*self.chosen, "jailbreak")}
         for tag, model in models.items():
             log.info("analysing %s", tag)
             columns[tag], rows = assess(model, tag)
@@ -184,27 +117,156 @@ class Study:
                                          for name in self.cfg.jailbreak_suites}
             results["jailbreak"][tag][f"{self.cfg.unsafe_suite}/refusal_rate"] = columns[tag].get(
                 f"{self.cfg.unsafe_suite}/refusal_rate")
-            acts, _ = self.acts(model)
-            if "activation_space" in chosen:
-                results["activation_space"][tag] = self.activation_space(acts["mlp_hidden"])
-                pca[tag] = [g.pca_2d(x) for x in acts["mlp_hidden"]]
-            if tag != "base" and chosen & {"column_space", "row_space"}:
-                results["column_space"][tag], results["row_space"][tag] = self.weight_spaces(
-                    model, models["base"], acts["mlp_in"])
-            if "lipschitz" in chosen:
-                results["lipschitz"][tag] = self.lipschitz(model)
-            if "soft_tokens" in chosen:
-                results["soft_tokens"][tag] = self.soft_tokens(model)
-            if "refusal_direction" in chosen:
-                results["refusal_direction"][tag] = self.refusal_direction(model, acts["resid"], assess_steered)
-        results = {name: values for name, values in results.items() if values and name in chosen | {"jailbreak"}}
+            acts, _ = activations(model, self.tokenizer, self.template, self.prompts)
+            subject = Subject(tag, model, models["base"], acts, lambda names, m=model: assess_steered(m, names))
+            for name in self.chosen:
+                value = ANALYSES[name].run(self, subject)
+                if value is not None:
+                    results[name][tag] = value
+        results = {name: values for name, values in results.items() if values}
         results["findings"] = findings(results, self.cfg)
         for name, values in results.items():
             (self.out / f"{name}.json").write_text(json.dumps(values, indent=1))
-        plots.draw_all(results, pca, self.slices, self.out)
+        for name in results.keys() & ANALYSES.keys():
+            ANALYSES[name].draw(results[name], self.out)
+        if self.pca:
+            plots.activation_pca(self.pca, self.slices, self.out)
+        plots.jailbreak(results["jailbreak"], self.out)
         return columns, generations
 
 
+# ---- activation space -----------------------------------------------------------------------------------------
+@analysis("activation_space", plots.activation_space)
+def activation_space(study: Study, subject: Subject) -> dict:
+    """Per layer: silhouette and probe accuracy of safe vs unsafe, and every suite's distance to both means.
+    Means come from the even-indexed samples of the safe and unsafe suites; the odd ones are held out."""
+    safe, unsafe, labels = study.sides()
+    hidden = subject.acts["mlp_hidden"]
+    both = torch.cat([torch.arange(len(study.prompts))[safe], torch.arange(len(study.prompts))[unsafe]])
+    layers = []
+    for x in hidden:
+        means = {"safe": x[safe][::2].mean(0), "unsafe": x[unsafe][::2].mean(0)}
+        suites = {}
+        for name, part in study.slices.items():
+            held_out = slice(part.start + 1, part.stop, 2) if part in (safe, unsafe) else part
+            rows = x[held_out]
+            d = {to: g.cluster_distances(rows, mean) for to, mean in means.items()}
+            suites[name] = {f"{metric}_to_{to}": float(d[to][metric].mean()) for to in means
+                            for metric in ("cosine", "l2")}
+            suites[name]["relative_l2"] = float((d["safe"]["l2"] / (d["safe"]["l2"] + d["unsafe"]["l2"])).mean())
+        layers.append({"silhouette": g.silhouette(x[both], labels),
+                       "probe_accuracy": g.probe_accuracy(x[both], labels), "suites": suites})
+    study.pca[subject.tag] = [g.pca_2d(x) for x in hidden]
+    return {"layers": layers, "silhouette_mean": sum(l["silhouette"] for l in layers) / len(layers)}
+
+
+# ---- weights against the base ---------------------------------------------------------------------------------
+@analysis("column_space", plots.column_space)
+def column_space(study: Study, subject: Subject) -> dict | None:
+    """Per MLP input matrix: sines of the tuned top-k directions to the base's top-k subspace."""
+    if subject.tag == "base":
+        return None
+    before, after, matrices = mlp_weights(subject.base), mlp_weights(subject.model), {}
+    for (i, name), w_pre in before.items():
+        w_ft = after[(i, name)]
+        sines = g.column_space_sines(w_ft, w_pre, study.cfg.energy)
+        matrices[f"layer{i}.{name}"] = {"sines": sines.tolist(), "mean_sine": float(sines.mean()),
+                                        "relative_change": float((w_ft - w_pre).norm() / w_pre.norm())}
+    return {"matrices": matrices, "mean_sine": mean_of(matrices, "mean_sine"),
+            "relative_change": mean_of(matrices, "relative_change")}
+
+
+@analysis("row_space", plots.row_space)
+def row_space(study: Study, subject: Subject) -> dict | None:
+    """Per MLP input matrix: projections of safe and unsafe MLP inputs on the top right singular vectors of
+    ΔW = W_ft − W_pre."""
+    if subject.tag == "base":
+        return None
+    safe, unsafe, _ = study.sides()
+    mlp_in, k = subject.acts["mlp_in"], study.cfg.row_space_k
+    before, after, matrices = mlp_weights(subject.base), mlp_weights(subject.model), {}
+    for (i, name), w_pre in before.items():
+        delta = after[(i, name)] - w_pre
+        proj_safe = g.row_space_projections(delta, mlp_in[i][safe], k).mean(0)
+        proj_unsafe = g.row_space_projections(delta, mlp_in[i][unsafe], k).mean(0)
+        matrices[f"layer{i}.{name}"] = {"safe": proj_safe.tolist(), "unsafe": proj_unsafe.tolist(),
+                                        "unsafe_over_safe": float(proj_unsafe.sum() / proj_safe.sum().clamp(min=1e-12))}
+    return {"matrices": matrices, "unsafe_over_safe": mean_of(matrices, "unsafe_over_safe")}
+
+
+# ---- input space ----------------------------------------------------------------------------------------------
+@analysis("lipschitz", plots.lipschitz)
+def lipschitz(study: Study, subject: Subject) -> dict:
+    """Norms of the top logit's gradient w.r.t. the input embeddings, on the first `lipschitz_n` prompts of each
+    side."""
+    norms = {}
+    for side in ("safe_suite", "unsafe_suite"):
+        name = study.cfg[side]
+        norms[name] = logit_gradient_norms(subject.model, study.tokenizer, study.template,
+                                           [p.prompt for p in study.suites[name][:study.cfg.lipschitz_n]])
+    return {name: {"mean": float(v.mean()), "median": float(v.median()), "values": v.tolist()}
+            for name, v in norms.items()}
+
+
+@analysis("soft_tokens", plots.soft_tokens)
+def soft_tokens(study: Study, subject: Subject) -> dict:
+    """Success of the attack vs number of soft tokens and steps, on the first `attack.n` unsafe prompts of the
+    unsafe suite (success at step 0 is the model's compliance without an attack)."""
+    a = study.cfg.attack
+    probes = [p for p in study.suites[study.cfg.unsafe_suite] if p.unsafe][:a.n]
+    prompts, targets = [p.prompt for p in probes], [p.target for p in probes]
+    results = {}
+    for n in a.tokens:
+        r = soft_token_attack(subject.model, study.tokenizer, study.template, prompts, targets, n, a.steps, a.bound,
+                              tuple(a.report_at), seed=study.seed)
+        results[str(n)] = {"success": {str(k): v for k, v in r["success"].items()}, "loss": r["loss"],
+                           "bound": r["bound"]}
+    return results
+
+
+# ---- refusal direction ----------------------------------------------------------------------------------------
+@analysis("refusal_direction", plots.refusal_direction)
+def refusal_direction(study: Study, subject: Subject) -> dict:
+    """Difference of means of the residual stream per layer; refusal scores under ablation (unsafe prompts) and
+    addition (safe prompts); the selected direction's effect on generated refusals. A layer whose safe and unsafe
+    means coincide (layer 0, where every prompt ends in the same token) has no direction and no scores. Selection
+    as Arditi et al.: the lowest ablated score outside the last 20% of layers (any layer if none is left)."""
+    model, resid = subject.model, subject.acts["resid"]
+    safe, unsafe, labels = study.sides()
+    prompts = {"unsafe": [p.prompt for p in study.suites[study.cfg.unsafe_suite]],
+               "safe": [p.prompt for p in study.suites[study.cfg.safe_suite]]}
+
+    def score(which: str) -> float:
+        _, logits = activations(model, study.tokenizer, study.template, prompts[which])
+        return float(g.refusal_score(logits, study.refusal_ids).mean())
+
+    result = {"baseline": {"unsafe": score("unsafe"), "safe": score("safe")}, "layers": []}
+    directions = []
+    for i, x in enumerate(resid):
+        r = g.difference_of_means(torch.cat([x[safe], x[unsafe]]), labels)
+        directions.append(r)
+        if r.norm() < 1e-6:
+            result["layers"].append({"norm": float(r.norm()), "ablated_unsafe": None, "added_safe": None})
+            continue
+        with steer(model, r, "ablate"):
+            ablated = score("unsafe")
+        with steer(model, r, "add", layer=i):
+            added = score("safe")
+        result["layers"].append({"norm": float(r.norm()), "ablated_unsafe": ablated, "added_safe": added})
+    scored = [i for i, layer in enumerate(result["layers"]) if layer["ablated_unsafe"] is not None]
+    early = [i for i in scored if i < int(len(resid) * DIRECTION_LAYERS)]
+    result["selected_layer"] = best = min(early or scored, key=lambda i: result["layers"][i]["ablated_unsafe"],
+                                          default=None)
+    if best is None:
+        return result
+    with steer(model, directions[best], "ablate"):
+        result["ablated_generation"] = subject.assess([study.cfg.unsafe_suite])
+    with steer(model, directions[best], "add", layer=best):
+        result["added_generation"] = subject.assess([study.cfg.safe_suite])
+    return result
+
+
+# ---- the paper's claims ---------------------------------------------------------------------------------------
 def jailbreak_compliance(results: dict, tag: str, suites) -> float:
     values = [results["jailbreak"][tag][name] for name in suites]
     return sum(values) / len(values)
