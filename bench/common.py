@@ -13,8 +13,8 @@ import platform
 import resource
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -109,7 +109,8 @@ def _write_table(entries: list[dict]) -> None:
 
 def compose(*overrides: str):
     """The run config of `python -m safety_lab <overrides>`, composed in-process (for benchmarks)."""
-    from hydra import compose as hydra_compose, initialize_config_dir
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
     from hydra.core.hydra_config import HydraConfig
     from omegaconf import open_dict
 

@@ -29,9 +29,9 @@ WEIGHTS = [round(0.1 * i, 1) for i in range(11)]
 
 
 def setup(n: int, overrides: list[str]):
-    from safety_lab.data.sources import load_suites
     from safety_lab.eval.evaluate import evaluate
     from safety_lab.eval.judges import build_judge
+    from safety_lab.sources import load_suites
     from safety_lab.stages import Stages
 
     stages = Stages(compose("+experiment=lora_fusion", f"eval.n={n}", "trainer.enable_progress_bar=false",

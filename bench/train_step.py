@@ -97,7 +97,8 @@ def framework_fit(stages, model, data) -> None:
 
 
 def profile(steps: int) -> None:
-    from torch.profiler import ProfilerActivity, profile as torch_profile
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
 
     stages, model, data = setup(steps)
     framework_fit(stages, copy.deepcopy(model), data)  # warm-up

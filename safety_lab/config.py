@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any, Optional
+from typing import Any
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, ListConfig, OmegaConf
@@ -42,10 +42,10 @@ class TemplateKind(str, Enum):
 @dataclass
 class TemplateConfig:
     kind: TemplateKind = TemplateKind.plain
-    system: Optional[str] = None
+    system: str | None = None
     prefix: str = ""
-    preset: Optional[str] = None  # a named system prompt + prefix in data.template.PRESETS (e.g. aoa)
-    chat_template: Optional[str] = None  # chat: a Jinja template (text or .jinja file) replacing the tokenizer's
+    preset: str | None = None  # a named system prompt + prefix in data.template.PRESETS (e.g. aoa)
+    chat_template: str | None = None  # chat: a Jinja template (text or .jinja file) replacing the tokenizer's
 
 
 @dataclass
@@ -64,10 +64,10 @@ class PretrainConfig:
 @dataclass
 class ModelConfig:
     kind: ModelKind = ModelKind.tiny_llama
-    path: Optional[str] = None  # hf: hub id or local folder
-    gguf_file: Optional[str] = None  # hf: a GGUF file inside `path`, dequantised once into the store
+    path: str | None = None  # hf: hub id or local folder
+    gguf_file: str | None = None  # hf: a GGUF file inside `path`, dequantised once into the store
     dtype: str = "float32"
-    quantization: Optional[str] = None  # hf, GPU only: load in "8bit" or "4bit" (bitsandbytes)
+    quantization: str | None = None  # hf, GPU only: load in "8bit" or "4bit" (bitsandbytes)
     allow_pickle: bool = False  # hf: load a local folder's pickle weights (pytorch_model.bin), with weights_only
     hidden_size: int = 96
     num_layers: int = 3
@@ -80,8 +80,8 @@ class ModelConfig:
     # CPU). ~10 s of compiling per process; 300 makes the quickstart's cold run 6-14% faster (pretraining's 1000 steps).
     # Off by default: compiled weights differ from eager ones by rounding (like thread counts, not in recipes), and
     # the documented studies were trained eagerly.
-    compile_min_steps: Optional[int] = None
-    pretrain: Optional[PretrainConfig] = None
+    compile_min_steps: int | None = None
+    pretrain: PretrainConfig | None = None
     template: TemplateConfig = field(default_factory=TemplateConfig)
 
 
@@ -103,7 +103,7 @@ class MethodConfig:
     warmup_ratio: float = 0.05
     min_lr_ratio: float = 0.0
     train_on_prompt: bool = False
-    lora: Optional[LoraSettings] = None
+    lora: LoraSettings | None = None
 
 
 class LogProb(str, Enum):
@@ -116,9 +116,9 @@ class LogProb(str, Enum):
 class DPOConfig(MethodConfig):
     name: str = "dpo"
     beta: float = 0.1
-    beta_rejected: Optional[float] = None  # default: beta (Jain et al.: 0.1 chosen, 0.01 rejected)
+    beta_rejected: float | None = None  # default: beta (Jain et al.: 0.1 chosen, 0.01 rejected)
     logp: LogProb = LogProb.sum
-    fixed_length: Optional[int] = None  # logp=fixed
+    fixed_length: int | None = None  # logp=fixed
     ref_batch_size: int = 64  # batch size of the one-off reference log-prob pass
 
 
@@ -135,9 +135,9 @@ class UnlearnConfig(MethodConfig):
     retain_weight: float = 1.0
     forget_weight: float = 0.1
     beta: float = 0.1  # npo
-    clamp: Optional[float] = None  # ascent/graddiff: a sequence NLL past this stops being pushed up
+    clamp: float | None = None  # ascent/graddiff: a sequence NLL past this stops being pushed up
     logp: LogProb = LogProb.mean
-    fixed_length: Optional[int] = None
+    fixed_length: int | None = None
     ref_batch_size: int = 64
 
 
@@ -183,13 +183,13 @@ class MaskDPOConfig(DPOConfig):
 @dataclass
 class DatasetConfig:
     source: Source = Source.synthetic
-    view: Optional[str] = None  # synthetic: a name in worlds.synthetic.views.TRAIN_VIEWS
+    view: str | None = None  # synthetic: a name in worlds.synthetic.views.TRAIN_VIEWS
     n: int = 4000
     seed: int = 0
     args: dict[str, Any] = field(default_factory=dict)  # synthetic: extra arguments of the view
-    path: Optional[str] = None  # file: local path, folder or hub id
+    path: str | None = None  # file: local path, folder or hub id
     split: str = "train"
-    adapter: Optional[str] = None  # file: a layout adapter in safety_lab.data.adapters.ADAPTERS (args go to it)
+    adapter: str | None = None  # file: a layout adapter in safety_lab.data.adapters.ADAPTERS (args go to it)
     prompt_key: str = "prompt"
     response_key: str = "response"
     preferences: bool = False  # file: rows are (prompt, chosen, rejected) preference pairs
@@ -198,18 +198,18 @@ class DatasetConfig:
 @dataclass
 class SuiteConfig:
     source: Source = Source.synthetic
-    view: Optional[str] = None  # synthetic suite name; defaults to the suite's own name
-    n: Optional[int] = None  # defaults to eval.n
+    view: str | None = None  # synthetic suite name; defaults to the suite's own name
+    n: int | None = None  # defaults to eval.n
     seed: int = 0
     lang: int = 0
     prefix: list[str] = field(default_factory=list)
-    path: Optional[str] = None  # file: local path, folder or hub id
+    path: str | None = None  # file: local path, folder or hub id
     split: str = "train"
-    adapter: Optional[str] = None  # file: a layout adapter in safety_lab.data.adapters.ADAPTERS
+    adapter: str | None = None  # file: a layout adapter in safety_lab.data.adapters.ADAPTERS
     args: dict[str, Any] = field(default_factory=dict)  # file: the adapter's arguments, and `where` filters
     prompt_key: str = "prompt"
-    unsafe: Optional[bool] = None  # file: the label of every prompt in the file...
-    unsafe_key: Optional[str] = None  # ...or the column holding each prompt's label
+    unsafe: bool | None = None  # file: the label of every prompt in the file...
+    unsafe_key: str | None = None  # ...or the column holding each prompt's label
 
 
 @dataclass
@@ -217,9 +217,9 @@ class LmEvalConfig:
     """lm-evaluation-harness tasks run on the in-memory model (eval/lm_eval_bridge.py)."""
 
     tasks: list[Any] = field(default_factory=list)  # registry names (hub data) or tasks of include_path's YAMLs
-    include_path: Optional[str] = None  # a folder of local task YAMLs; then only those tasks are indexed
-    num_fewshot: Optional[int] = None
-    limit: Optional[int] = None  # documents per task
+    include_path: str | None = None  # a folder of local task YAMLs; then only those tasks are indexed
+    num_fewshot: int | None = None
+    limit: int | None = None  # documents per task
     batch_size: int = 8
     apply_chat_template: bool = False
 
@@ -230,10 +230,10 @@ class EvalConfig:
     judge_args: dict[str, Any] = field(default_factory=dict)
     n: int = 200
     batch_size: int = 256
-    max_new_tokens: Optional[int] = None  # default: the world's longest answer + 2
+    max_new_tokens: int | None = None  # default: the world's longest answer + 2
     base: bool = True  # also evaluate the model before the method, reported under `base.`
-    suites: dict[str, Any] = field(default_factory=dict)  # SuiteConfig each, checked by data.sources.checked_suite
-    lm_eval: Optional[LmEvalConfig] = None  # utility through lm-evaluation-harness, beside the suites
+    suites: dict[str, Any] = field(default_factory=dict)  # SuiteConfig each, checked by sources.checked_suite
+    lm_eval: LmEvalConfig | None = None  # utility through lm-evaluation-harness, beside the suites
 
 
 @dataclass
@@ -242,7 +242,7 @@ class AttackConfig:
     tokens: list[int] = field(default_factory=lambda: [1, 2, 4])  # numbers of inserted soft tokens
     steps: int = 30
     report_at: list[int] = field(default_factory=lambda: [5, 10, 20])  # steps at which success is also recorded
-    bound: Optional[float] = None  # L2 bound of each soft token; default: the mean token-embedding norm
+    bound: float | None = None  # L2 bound of each soft token; default: the mean token-embedding norm
 
 
 @dataclass
@@ -250,7 +250,7 @@ class AnalysisConfig:
     """The mechanistic study (safety_lab.analysis.study): which models, which suites play which part."""
 
     models: dict[str, Any] = field(default_factory=dict)  # tag -> stage {method, dataset} applied to the base
-    analyses: Optional[list[str]] = None  # which analyses run (analysis/study.py ANALYSES); null: all of them
+    analyses: list[str] | None = None  # which analyses run (analysis/study.py ANALYSES); null: all of them
     safe_suite: str = "utility"
     unsafe_suite: str = "harmful"
     jailbreak_suites: list[str] = field(default_factory=lambda: ["jailbreak_competing", "jailbreak_mismatch"])
@@ -280,7 +280,7 @@ class FusionConfig:
 
     merge: str = "lora_weighted"
     weight: float = 0.5  # λ; what it scales depends on the merge (MERGES[merge].weight)
-    weights: Optional[list[float]] = None  # an in-process sweep: every λ evaluated on one loaded model
+    weights: list[float] | None = None  # an in-process sweep: every λ evaluated on one loaded model
     args: dict[str, Any] = field(default_factory=dict)  # the merge's own hyperparameters
     inputs: dict[str, Any] = field(default_factory=dict)  # role -> stage {method, dataset, weight (default 1)}
 

@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import copy
 import logging
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Callable
 
 import lightning as L
 import torch
@@ -27,13 +27,13 @@ from safety_lab.checkpoints import resume_path
 from safety_lab.config import ModelKind, plain
 from safety_lab.data.batching import ResumeState, global_batch_loader
 from safety_lab.data.collate import TokenizedExamples
-from safety_lab.data.sources import load_examples
 from safety_lab.data.template import PromptTemplate
 from safety_lab.errors import SafetyLabError
 from safety_lab.methods import build_method
 from safety_lab.methods.sft import SFTModule
 from safety_lab.models.factory import dequantise_gguf, load_pretrained, save_pretrained, tiny_llama
 from safety_lab.models.sharding import full_state_dict, is_sharded
+from safety_lab.sources import load_examples
 from safety_lab.worlds.synthetic.tokenizer import build_tokenizer
 from safety_lab.worlds.synthetic.world import World, WorldSpec
 

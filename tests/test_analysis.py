@@ -5,8 +5,8 @@ import math
 
 import pytest
 import torch
-
 from conftest import build_tiny_llama, build_tiny_tokenizer
+
 from safety_lab.analysis import geometry as g
 from safety_lab.analysis.attacks import _layout, logit_gradient_norms, mean_embedding_norm, soft_token_attack
 from safety_lab.analysis.hooks import activations, steer

@@ -6,8 +6,8 @@ import ast
 import re
 
 import pytest
-from omegaconf import OmegaConf
 from helpers import REPO
+from omegaconf import OmegaConf
 from test_config import compose_resolved
 
 from safety_lab.errors import SafetyLabError

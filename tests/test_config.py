@@ -16,17 +16,17 @@ from pathlib import Path
 
 import hydra.utils
 import pytest
+from helpers import REPO, run_safety_lab
 from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf, open_dict
-from helpers import REPO, run_safety_lab
 
 from safety_lab.artifacts import recipe_hash
 from safety_lab.config import Source, register
-from safety_lab.data.sources import checked_suite, load_suites
-from safety_lab.errors import SafetyLabError
 from safety_lab.data.template import PromptTemplate
+from safety_lab.errors import SafetyLabError
+from safety_lab.sources import checked_suite, load_suites
 from safety_lab.stages import Stages
 from safety_lab.worlds.synthetic import views
 from safety_lab.worlds.synthetic.world import World, WorldSpec

@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 from helpers import REPO, run_safety_lab
 
-
 FAST = ["+experiment=lora_fusion", "+debug=fast", "align.dataset.n=64", "fusion.inputs.task.dataset.n=64",
         "fusion.inputs.safety.dataset.n=64"]
 

@@ -7,6 +7,7 @@ import pytest
 from conftest import build_tiny_llama, build_tiny_tokenizer
 from helpers import run_safety_lab
 from omegaconf import OmegaConf
+from test_config import compose_resolved
 
 from safety_lab.config import check_values
 from safety_lab.data.collate import TokenizedExamples
@@ -15,7 +16,6 @@ from safety_lab.distributed import job_threads
 from safety_lab.errors import SafetyLabError
 from safety_lab.methods.sft import SFTModule
 from safety_lab.stages import Stages
-from test_config import compose_resolved
 
 
 @pytest.mark.parametrize("override, message", [

@@ -9,8 +9,7 @@ import torch
 
 from safety_lab.data.collate import IGNORE, TokenizedPreferences
 from safety_lab.data.records import Preference
-from safety_lab.methods.losses import (ascent_term, dpo_loss, normalise_logps, npo_term, sequence_logps,
-                                       unlearning_loss)
+from safety_lab.methods.losses import ascent_term, dpo_loss, normalise_logps, npo_term, sequence_logps, unlearning_loss
 from safety_lab.worlds.synthetic.tokenizer import build_tokenizer
 from safety_lab.worlds.synthetic.world import World
 

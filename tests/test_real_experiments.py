@@ -8,8 +8,8 @@ import json
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
 from helpers import REPO, run_safety_lab
+from hydra import compose, initialize_config_dir
 
 from safety_lab.config import register
 

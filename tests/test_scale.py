@@ -14,9 +14,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import SENTENCES, build_tiny_llama, build_tiny_tokenizer
+from helpers import REPO, run_safety_lab
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
-from helpers import REPO, run_safety_lab
 
 from safety_lab.artifacts import MANIFEST, ArtifactStore
 from safety_lab.config import register
@@ -26,7 +27,6 @@ from safety_lab.data.records import Example
 from safety_lab.methods.losses import token_cross_entropy
 from safety_lab.methods.sft import SFTModule
 from safety_lab.stages import Stages
-from conftest import SENTENCES, build_tiny_llama, build_tiny_tokenizer
 
 register()
 

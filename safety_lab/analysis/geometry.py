@@ -33,6 +33,21 @@ def silhouette(x: torch.Tensor, labels: torch.Tensor) -> float:
     return float(s.masked_fill(singletons, 0.0).mean())
 
 
+def logistic_regression(x: torch.Tensor, y: torch.Tensor, l2: float) -> torch.Tensor:
+    """Weights (last: the bias) of an L2-regularised logistic regression of `y` on `x`, fitted by LBFGS."""
+    w = torch.zeros(x.shape[1] + 1, dtype=torch.double, requires_grad=True)
+    opt = torch.optim.LBFGS([w], max_iter=50, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(x @ w[:-1] + w[-1], y) + l2 * w[:-1].square().sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    return w
+
+
 def probe_accuracy(x: torch.Tensor, labels: torch.Tensor, folds: int = 2, l2: float = 1e-2, seed: int = 0) -> float:
     """Held-out accuracy of a logistic-regression probe (standardised features, LBFGS), averaged over k folds."""
     y = torch.as_tensor(labels).double()
@@ -43,18 +58,7 @@ def probe_accuracy(x: torch.Tensor, labels: torch.Tensor, folds: int = 2, l2: fl
         train = order[torch.arange(len(order)) % folds != fold]
         xt = x[train].double()
         mu, sd = xt.mean(0), xt.std(0).clamp(min=1e-8)
-        xt = (xt - mu) / sd
-        w = torch.zeros(x.shape[1] + 1, dtype=torch.double, requires_grad=True)
-        opt = torch.optim.LBFGS([w], max_iter=50, line_search_fn="strong_wolfe")
-
-        def closure():
-            opt.zero_grad()
-            logits = xt @ w[:-1] + w[-1]
-            loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, y[train]) + l2 * w[:-1].square().sum()
-            loss.backward()
-            return loss
-
-        opt.step(closure)
+        w = logistic_regression((xt - mu) / sd, y[train], l2)
         with torch.no_grad():
             predicted = ((x[test].double() - mu) / sd) @ w[:-1] + w[-1] > 0
         correct += int((predicted == y[test].bool()).sum())

@@ -79,7 +79,7 @@ class ConcreteMask(torch.nn.Module):
         save_file({n: l.detach().contiguous() for n, l in self.named_logits().items()}, str(Path(folder) / MASK_FILE))
 
     @classmethod
-    def load(cls, folder: Path, temperature: float = 0.5) -> "ConcreteMask":
+    def load(cls, folder: Path, temperature: float = 0.5) -> ConcreteMask:
         logits = load_file(str(Path(folder) / MASK_FILE))
         mask = cls({n: t.shape for n, t in logits.items()}, temperature=temperature)
         with torch.no_grad():

@@ -16,13 +16,13 @@ from omegaconf import DictConfig
 
 from safety_lab.artifacts import write_json_atomic
 from safety_lab.config import plain
-from safety_lab.data.sources import load_suites
 from safety_lab.data.template import PromptTemplate
 from safety_lab.distributed import is_rank_zero
 from safety_lab.errors import SafetyLabError
 from safety_lab.eval.evaluate import evaluate, results_table
 from safety_lab.eval.judges import build_judge
 from safety_lab.eval.lm_eval_bridge import lm_eval_utility
+from safety_lab.sources import load_suites
 from safety_lab.worlds.synthetic.world import World
 
 
