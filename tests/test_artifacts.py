@@ -1,10 +1,10 @@
 """The content-addressed artifact store: recipe hashing, build-once reuse, manifests, atomicity, concurrency,
 verification and healing.
 
-These are the guarantees a λ sweep relies on (DESIGN.md §3): the same recipe always names the same folder, a
-recipe is built once and reused after, a crashed build leaves nothing that looks like an entry, two processes
-that need the same recipe at the same time build it once between them, a damaged entry is quarantined and rebuilt
-rather than loaded, and nothing non-finite is published.
+These are the guarantees a λ sweep relies on (docs/architecture.md, "The store contract"): the same recipe always
+names the same folder, a recipe is built once and reused after, a crashed build leaves nothing that looks like an
+entry, two processes that need the same recipe at the same time build it once between them, a damaged entry is
+quarantined and rebuilt rather than loaded, and nothing non-finite is published.
 """
 from __future__ import annotations
 

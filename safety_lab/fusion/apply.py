@@ -1,8 +1,8 @@
 """Apply a fusion to a loaded model through fp32 deltas, as often as needed, without reloading it.
 
 `FusedModel` keeps a pristine fp32 copy of every weight a fusion touches and writes W = W0 + ΔW on each call, so a
-λ sweep costs one merge and one weight write per point, with no drift (peers.md §3.2: repeated bf16 merge/unmerge
-compounds error; restoring from W0 does not). `stage_input` turns a trained stage (a LoRA adapter on the model,
+λ sweep costs one merge and one weight write per point, with no drift (repeated bf16 merge/unmerge compounds
+error; restoring from W0 does not). `stage_input` turns a trained stage (a LoRA adapter on the model,
 or a fully fine-tuned copy) into a `FusionInput` and hands the model back untouched. Which stages are fused, and at
 which λ, is the fusion task's business (tasks/fuse.py).
 """
