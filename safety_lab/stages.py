@@ -1,9 +1,9 @@
 """Stages: how a run trains, names and reuses every model it needs (docs/architecture.md, "Stages and recipes").
 
 A *stage* is a (method, dataset) pair applied to a base model. `Stages` is built once per run from its config
-(`Stages(cfg)`) and handed to methods, tasks and benchmarks as an argument: it fits a LightningModule
-with the configured trainer and strategy (`fit`), resolves the run's base (`base`: the synthetic base is pretrained
-once, an `align` stage is merged in), builds or reuses a stage on a base (`apply`), and computes every store recipe
+(`Stages(cfg)`) and handed to methods, tasks and benchmarks as an argument: it fits a LightningModule with the
+configured trainer and strategy (`fit`), resolves the run's base (`base`: the synthetic base is pretrained once, an
+`align` stage is merged in), builds or reuses a stage on a base (`apply`), and computes every store recipe
 (`recipe`), the one place that decides when an artifact is reused.
 """
 from __future__ import annotations
@@ -109,7 +109,8 @@ class StopOnNonFinite(L.Callback):
 
 class Stages:
     """The run's config, and how every stage of it is trained, named and reused. The store, the world and the prompt
-    template are made from the config when first used, so a config of only the trainer settings can `fit`."""
+    template are made from the config when first used, so a config holding only what `fit` reads (trainer,
+    strategy, logger, paths) can fit."""
 
     def __init__(self, cfg: DictConfig):
         self.cfg = cfg
