@@ -16,7 +16,7 @@ from peft.utils import merge_utils
 from safety_lab.config import register
 from safety_lab.errors import SafetyLabError
 from safety_lab.fusion import merges as M
-from safety_lab.fusion.apply import fusion_weights
+from safety_lab.tasks.fuse import fusion_weights
 
 REPO = Path(__file__).resolve().parents[1]
 SHAPES = {"a": (6, 9), "b": (7,), "c": (3, 4, 5)}  # a weight, a 1-d tensor (a norm), a 3-d tensor
