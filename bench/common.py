@@ -5,6 +5,7 @@ cancels out; `record` merges one entry into `bench/results.json` and rewrites th
 Each entry carries the peak RSS of the measured side and of its baseline: within one process, `reset_peak_rss`
 before a side and `peak_rss_mib` after it give that side's own high-water mark (Linux `clear_refs`).
 """
+
 from __future__ import annotations
 
 import json
@@ -62,17 +63,36 @@ def meets(ratio: float, target: float, higher_is_better: bool) -> bool:
     return ratio >= target if higher_is_better else ratio <= target
 
 
-def record(name: str, value: float, baseline: float, unit: str, target: float | None, higher_is_better: bool,
-           command: str, note: str = "", rss: tuple[float, float] | None = None) -> dict:
+def record(
+    name: str,
+    value: float,
+    baseline: float,
+    unit: str,
+    target: float | None,
+    higher_is_better: bool,
+    command: str,
+    note: str = "",
+    rss: tuple[float, float] | None = None,
+) -> dict:
     """Merge one figure into results.json and the README table; `rss` = (peak RSS of the measured side, of the
     baseline side) in MiB."""
     ratio = value / baseline if baseline else float("nan")
-    entry = {"name": name, "value": round(value, 4), "baseline": round(baseline, 4), "unit": unit,
-             "ratio": round(ratio, 4), "target": target, "higher_is_better": higher_is_better,
-             "command": command, "note": note,
-             "peak_rss_mib": round(rss[0], 1) if rss else None,
-             "baseline_peak_rss_mib": round(rss[1], 1) if rss else None,
-             "load_avg_1m": round(os.getloadavg()[0], 1), "cpus": os.cpu_count(), "threads": torch.get_num_threads()}
+    entry = {
+        "name": name,
+        "value": round(value, 4),
+        "baseline": round(baseline, 4),
+        "unit": unit,
+        "ratio": round(ratio, 4),
+        "target": target,
+        "higher_is_better": higher_is_better,
+        "command": command,
+        "note": note,
+        "peak_rss_mib": round(rss[0], 1) if rss else None,
+        "baseline_peak_rss_mib": round(rss[1], 1) if rss else None,
+        "load_avg_1m": round(os.getloadavg()[0], 1),
+        "cpus": os.cpu_count(),
+        "threads": torch.get_num_threads(),
+    }
     entries = [e for e in (json.loads(RESULTS.read_text()) if RESULTS.exists() else []) if e["name"] != name]
     entries.append(entry)
     RESULTS.write_text(json.dumps(entries, indent=2) + "\n")
@@ -85,20 +105,26 @@ def record(name: str, value: float, baseline: float, unit: str, target: float | 
 def _write_table(entries: list[dict]) -> None:
     import transformers
 
-    rows = ["| benchmark | value | baseline | ratio | target | met | peak RSS MiB (value / baseline) | load "
-            "| threads | command |",
-            "|---|---|---|---|---|---|---|---|---|---|"]
+    rows = [
+        "| benchmark | value | baseline | ratio | target | met | peak RSS MiB (value / baseline) | load "
+        "| threads | command |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for e in entries:
         t = e["target"]
         ok = "–" if t is None else "yes" if meets(e["ratio"], t, e["higher_is_better"]) else "**no**"
         bound = "–" if t is None else (f"≥ {t}" if e["higher_is_better"] else f"≤ {t}")
         rss = "–" if e.get("peak_rss_mib") is None else f"{e['peak_rss_mib']:.0f} / {e['baseline_peak_rss_mib']:.0f}"
-        rows.append(f"| {e['name']} | {e['value']:.4g} {e['unit']} | {e['baseline']:.4g} {e['unit']} | {e['ratio']} | "
-                    f"{bound} | {ok} | {rss} | {e.get('load_avg_1m', '–')} | {e.get('threads', '–')} | "
-                    f"`{e['command']}` |")
-    machine = (f"Machine: {platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}, "
-               f"torch {torch.__version__}, transformers {transformers.__version__}. *load*: the 1-minute load "
-               "average when the figure was recorded (the machine is shared); *threads*: torch intra-op threads.")
+        rows.append(
+            f"| {e['name']} | {e['value']:.4g} {e['unit']} | {e['baseline']:.4g} {e['unit']} | {e['ratio']} | "
+            f"{bound} | {ok} | {rss} | {e.get('load_avg_1m', '–')} | {e.get('threads', '–')} | "
+            f"`{e['command']}` |"
+        )
+    machine = (
+        f"Machine: {platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}, "
+        f"torch {torch.__version__}, transformers {transformers.__version__}. *load*: the 1-minute load "
+        "average when the figure was recorded (the machine is shared); *threads*: torch intra-op threads."
+    )
     block = f"{TABLE_START}\n{machine}\n\n" + "\n".join(rows) + f"\n{TABLE_END}"
     text = README.read_text() if README.exists() else "# Benchmarks\n\n" + TABLE_START + TABLE_END + "\n"
     if TABLE_START not in text:

@@ -10,6 +10,7 @@
 
     .venv/bin/python -m bench.contention [--pairs 3] [--steps 40]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -43,8 +44,9 @@ JOBS = ("+experiment=quickstart", "seed=1,2", "eval.n=100", "trainer.enable_prog
 def steps_per_second(steps: int, busy: bool) -> float:
     neighbour = subprocess.Popen([sys.executable, "-c", "while True: pass"]) if busy else None
     try:
-        out = subprocess.run([sys.executable, "-c", TRAIN.format(steps=steps)], cwd=REPO, capture_output=True,
-                             text=True, check=True).stdout
+        out = subprocess.run(
+            [sys.executable, "-c", TRAIN.format(steps=steps)], cwd=REPO, capture_output=True, text=True, check=True
+        ).stdout
     finally:
         if neighbour:
             neighbour.kill()
@@ -58,10 +60,17 @@ def training_beside_a_busy_process(pairs: int, steps: int) -> None:
         for side in (False, True) if i % 2 == 0 else (True, False):
             (busy if side else alone).append(steps_per_second(steps, side))
     ratios = ", ".join(f"{b / a:.2f}" for a, b in zip(alone, busy))
-    record("contention: training beside one busy process vs alone", statistics.median(busy),
-           statistics.median(alone), "steps/s", 0.55, True, f"python -m bench.contention --pairs {pairs}",
-           f"default tiny model, {steps} steps, framework's thread count, OMP_WAIT_POLICY=PASSIVE; "
-           f"per-pair ratios {ratios}")
+    record(
+        "contention: training beside one busy process vs alone",
+        statistics.median(busy),
+        statistics.median(alone),
+        "steps/s",
+        0.55,
+        True,
+        f"python -m bench.contention --pairs {pairs}",
+        f"default tiny model, {steps} steps, framework's thread count, OMP_WAIT_POLICY=PASSIVE; "
+        f"per-pair ratios {ratios}",
+    )
 
 
 def quickstart_base_entry() -> Path:
@@ -77,8 +86,21 @@ def multirun_seconds(base: Path, parallel: bool, tmp: Path) -> float:
     shutil.copytree(base, store / "base" / base.name)
     launcher = ["hydra/launcher=joblib"] if parallel else []
     start = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "safety_lab", "-m", *JOBS, *launcher, f"paths.artifacts={store}",
-                    f"hydra.sweep.dir={tmp}/{store.name}-runs"], cwd=REPO, capture_output=True, check=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "safety_lab",
+            "-m",
+            *JOBS,
+            *launcher,
+            f"paths.artifacts={store}",
+            f"hydra.sweep.dir={tmp}/{store.name}-runs",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        check=True,
+    )
     return time.perf_counter() - start
 
 
@@ -86,8 +108,16 @@ def parallel_multirun(base: Path) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         sequential = multirun_seconds(base, False, Path(tmp))
         parallel = multirun_seconds(base, True, Path(tmp))
-    record("contention: 2-job joblib multirun vs the same jobs in sequence", parallel, sequential, "s", 0.7, False,
-           "python -m bench.contention", f"python -m safety_lab -m {' '.join(JOBS)} on a store holding the base")
+    record(
+        "contention: 2-job joblib multirun vs the same jobs in sequence",
+        parallel,
+        sequential,
+        "s",
+        0.7,
+        False,
+        "python -m bench.contention",
+        f"python -m safety_lab -m {' '.join(JOBS)} on a store holding the base",
+    )
 
 
 def main() -> None:

@@ -11,6 +11,7 @@ response tokens of chosen and rejected, counted once per pair.
 
 Targets: ≥ 2.0× TRL's tokens/s and ≤ 1.0× its peak RSS; recorded in bench/results.json and bench/README.md.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -41,8 +42,9 @@ def setup(pairs: int):
     world = World()
     tokenizer = build_tokenizer(world)
     m = ModelConfig()
-    model = tiny_llama(tokenizer, m.hidden_size, m.num_layers, m.num_heads, m.intermediate_size,
-                       m.max_position_embeddings, seed=0)
+    model = tiny_llama(
+        tokenizer, m.hidden_size, m.num_layers, m.num_heads, m.intermediate_size, m.max_position_embeddings, seed=0
+    )
     return world, tokenizer, model, views.preferences(world, pairs, seed=0)
 
 
@@ -58,11 +60,21 @@ def ours(pairs: int, batch_size: int) -> dict:
 
     _, tokenizer, model, records = setup(pairs)
     store = tempfile.mkdtemp()  # an empty reference cache: the epoch pays for its reference log-probs
-    stages = Stages(compose("method=dpo", "dataset=preferences", f"dataset.n={pairs}",
-                            f"method.batch_size={batch_size}", "method.epochs=1", f"method.lr={LR}",
-                            f"method.beta={BETA}", "trainer.enable_progress_bar=false",
-                            "trainer.enable_checkpointing=false", f"paths.artifacts={store}",
-                            f"hydra.run.dir={store}/run"))
+    stages = Stages(
+        compose(
+            "method=dpo",
+            "dataset=preferences",
+            f"dataset.n={pairs}",
+            f"method.batch_size={batch_size}",
+            "method.epochs=1",
+            f"method.lr={LR}",
+            f"method.beta={BETA}",
+            "trainer.enable_progress_bar=false",
+            "trainer.enable_checkpointing=false",
+            f"paths.artifacts={store}",
+            f"hydra.run.dir={store}/run",
+        )
+    )
     start = time.perf_counter()
     DPO().train(stages, Model(model, tokenizer, "bench"), stages.cfg.method, stages.cfg.dataset)
     return {"seconds": time.perf_counter() - start, "tokens": count_tokens(records, tokenizer)}
@@ -74,17 +86,39 @@ def trl_baseline(pairs: int, batch_size: int) -> dict:
     from trl import DPOConfig, DPOTrainer
 
     world, tokenizer, model, records = setup(pairs)
-    rows = {"prompt": [r.prompt for r in records], "chosen": [" " + r.chosen for r in records],
-            "rejected": [" " + r.rejected for r in records]}
+    rows = {
+        "prompt": [r.prompt for r in records],
+        "chosen": [" " + r.chosen for r in records],
+        "rejected": [" " + r.rejected for r in records],
+    }
     out = tempfile.mkdtemp()
-    args = DPOConfig(output_dir=out, per_device_train_batch_size=batch_size, num_train_epochs=1, learning_rate=LR,
-                     beta=BETA, max_length=128, lr_scheduler_type="cosine", warmup_steps=0, report_to="none",
-                     use_cpu=True, save_strategy="no", logging_steps=10_000, disable_tqdm=True, max_grad_norm=1.0)
-    lora = LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"],
-                      target_modules=LORA["target_modules"], task_type="CAUSAL_LM")
+    args = DPOConfig(
+        output_dir=out,
+        per_device_train_batch_size=batch_size,
+        num_train_epochs=1,
+        learning_rate=LR,
+        beta=BETA,
+        max_length=128,
+        lr_scheduler_type="cosine",
+        warmup_steps=0,
+        report_to="none",
+        use_cpu=True,
+        save_strategy="no",
+        logging_steps=10_000,
+        disable_tqdm=True,
+        max_grad_norm=1.0,
+    )
+    lora = LoraConfig(
+        r=LORA["r"],
+        lora_alpha=LORA["alpha"],
+        lora_dropout=LORA["dropout"],
+        target_modules=LORA["target_modules"],
+        task_type="CAUSAL_LM",
+    )
     start = time.perf_counter()
-    trainer = DPOTrainer(model=model, args=args, train_dataset=Dataset.from_dict(rows), processing_class=tokenizer,
-                         peft_config=lora)
+    trainer = DPOTrainer(
+        model=model, args=args, train_dataset=Dataset.from_dict(rows), processing_class=tokenizer, peft_config=lora
+    )
     trainer.train()
     return {"seconds": time.perf_counter() - start, "tokens": count_tokens(records, tokenizer)}
 
@@ -95,8 +129,12 @@ def child(side: str, pairs: int, batch_size: int) -> None:
 
 
 def measure(side: str, pairs: int, batch_size: int) -> dict:
-    proc = subprocess.run([sys.executable, "-m", "bench.dpo", "--side", side, "--pairs", str(pairs),
-                           "--batch-size", str(batch_size)], cwd=REPO, capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.dpo", "--side", side, "--pairs", str(pairs), "--batch-size", str(batch_size)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     if proc.returncode or not lines:
         raise RuntimeError(f"{side} failed:\n{proc.stderr[-3000:]}")
@@ -116,21 +154,43 @@ def main() -> None:
     for repeat in range(a.repeats):
         for side in ("ours", "trl") if repeat % 2 == 0 else ("trl", "ours"):
             runs[side].append(measure(side, a.pairs, a.batch_size))
-    mine, theirs = ({key: statistics.median(run[key] for run in runs[side]) for key in runs[side][0]}
-                    for side in ("ours", "trl"))
+    mine, theirs = (
+        {key: statistics.median(run[key] for run in runs[side]) for key in runs[side][0]} for side in ("ours", "trl")
+    )
     spread = sorted(round(trl["seconds"] / us["seconds"], 2) for us, trl in zip(runs["ours"], runs["trl"]))
-    note = (f"{a.pairs} pairs, batch {a.batch_size}, LoRA r16 all-linear, {mine['tokens']} tokens/epoch; medians of "
-            f"{a.repeats} alternating pairs, per-pair throughput ratios {spread}")
+    note = (
+        f"{a.pairs} pairs, batch {a.batch_size}, LoRA r16 all-linear, {mine['tokens']} tokens/epoch; medians of "
+        f"{a.repeats} alternating pairs, per-pair throughput ratios {spread}"
+    )
     command = f"python -m bench.dpo --pairs {a.pairs} --batch-size {a.batch_size} --repeats {a.repeats}"
     print(note)
     for name, side in (("safety_lab", mine), ("TRL", theirs)):
-        print(f"{name}: {side['seconds']:.1f} s, {side['tokens'] / side['seconds']:.0f} tokens/s, "
-              f"peak RSS {side['peak_rss_mib']:.0f} MiB")
-    record("DPO epoch: method=dpo vs TRL DPOTrainer, throughput", mine["tokens"] / mine["seconds"],
-           theirs["tokens"] / theirs["seconds"], "tokens/s", 2.0, True, command, note,
-           rss=(mine["peak_rss_mib"], theirs["peak_rss_mib"]))
-    record("DPO epoch: method=dpo vs TRL DPOTrainer, peak RSS", mine["peak_rss_mib"], theirs["peak_rss_mib"], "MiB",
-           1.0, False, command, note, rss=(mine["peak_rss_mib"], theirs["peak_rss_mib"]))
+        print(
+            f"{name}: {side['seconds']:.1f} s, {side['tokens'] / side['seconds']:.0f} tokens/s, "
+            f"peak RSS {side['peak_rss_mib']:.0f} MiB"
+        )
+    record(
+        "DPO epoch: method=dpo vs TRL DPOTrainer, throughput",
+        mine["tokens"] / mine["seconds"],
+        theirs["tokens"] / theirs["seconds"],
+        "tokens/s",
+        2.0,
+        True,
+        command,
+        note,
+        rss=(mine["peak_rss_mib"], theirs["peak_rss_mib"]),
+    )
+    record(
+        "DPO epoch: method=dpo vs TRL DPOTrainer, peak RSS",
+        mine["peak_rss_mib"],
+        theirs["peak_rss_mib"],
+        "MiB",
+        1.0,
+        False,
+        command,
+        note,
+        rss=(mine["peak_rss_mib"], theirs["peak_rss_mib"]),
+    )
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 Target: ≥ 5× prompts/s, with identical responses verified prompt by prompt.
 """
+
 from __future__ import annotations
 
 import time
@@ -20,9 +21,10 @@ def one_by_one(model, tokenizer, prompts: list[str], max_new_tokens: int) -> lis
     with torch.inference_mode():
         for prompt in prompts:
             ids = tokenizer(prompt, return_tensors="pt")
-            tokens = model.generate(**ids, do_sample=False, max_new_tokens=max_new_tokens,
-                                    pad_token_id=tokenizer.pad_token_id)
-            out.append(tokenizer.decode(tokens[0, ids["input_ids"].shape[1]:], skip_special_tokens=True).strip())
+            tokens = model.generate(
+                **ids, do_sample=False, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id
+            )
+            out.append(tokenizer.decode(tokens[0, ids["input_ids"].shape[1] :], skip_special_tokens=True).strip())
     return out
 
 
@@ -32,8 +34,7 @@ def main() -> None:
     suites = [views.suite(stages.world, name, N_PROMPTS // len(views.SUITES)) for name in views.SUITES]
     prompts = [p.prompt for suite in suites for p in suite]
     new = stages.world.spec.max_len + 2
-    batched, batched_rss = peak_rss_of(lambda: generate(model, tokenizer, prompts, new, batch_size=256,
-                                                        progress=False))
+    batched, batched_rss = peak_rss_of(lambda: generate(model, tokenizer, prompts, new, batch_size=256, progress=False))
     start = time.perf_counter()
     baseline, loop_rss = peak_rss_of(lambda: one_by_one(model, tokenizer, prompts, new))
     loop_seconds = time.perf_counter() - start
@@ -41,9 +42,17 @@ def main() -> None:
     if mismatches:
         raise SystemExit(f"batched generation differs from the per-prompt loop on {mismatches} prompts")
     batched_seconds = median_time(lambda: generate(model, tokenizer, prompts, new, batch_size=256, progress=False))
-    record("generation: batched greedy vs per-prompt generate", len(prompts) / batched_seconds,
-           len(prompts) / loop_seconds, "prompts/s", 5.0, True, "python -m bench.generation",
-           f"{len(prompts)} prompts, identical outputs", rss=(batched_rss, loop_rss))
+    record(
+        "generation: batched greedy vs per-prompt generate",
+        len(prompts) / batched_seconds,
+        len(prompts) / loop_seconds,
+        "prompts/s",
+        5.0,
+        True,
+        "python -m bench.generation",
+        f"{len(prompts)} prompts, identical outputs",
+        rss=(batched_rss, loop_rss),
+    )
 
 
 if __name__ == "__main__":

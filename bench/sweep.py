@@ -14,6 +14,7 @@ fusion.inputs.safety.dataset.n=64 paths.artifacts=/tmp/store` times the same wor
 
 The adapters come from the shared store (trained first if missing, outside the clock).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -34,8 +35,7 @@ def setup(n: int, overrides: list[str]):
     from safety_lab.sources import load_suites
     from safety_lab.stages import Stages
 
-    stages = Stages(compose("+experiment=lora_fusion", f"eval.n={n}", "trainer.enable_progress_bar=false",
-                            *overrides))
+    stages = Stages(compose("+experiment=lora_fusion", f"eval.n={n}", "trainer.enable_progress_bar=false", *overrides))
     cfg, world = stages.cfg, stages.world
     base = stages.base()
     folders = {}
@@ -46,8 +46,16 @@ def setup(n: int, overrides: list[str]):
     suites, judge = load_suites(cfg.eval, world), build_judge(cfg.eval.judge, **cfg.eval.judge_args)
 
     def assess(m) -> dict:
-        metrics, _ = evaluate(m, base.tokenizer, suites, judge, stages.template, max_new_tokens=world.spec.max_len + 2,
-                              batch_size=cfg.eval.batch_size, progress=False)
+        metrics, _ = evaluate(
+            m,
+            base.tokenizer,
+            suites,
+            judge,
+            stages.template,
+            max_new_tokens=world.spec.max_len + 2,
+            batch_size=cfg.eval.batch_size,
+            progress=False,
+        )
         return metrics
 
     return base.model, base.tokenizer, folders, assess
@@ -78,8 +86,9 @@ def ours(base_folder: Path, folders: dict, assess) -> tuple[float, list[float], 
 
     start, steps, plain, results = time.perf_counter(), [], [], []
     model, _ = load_pretrained(base_folder)
-    inputs = {role: stage_input(PeftModel.from_pretrained(model, str(folder)), model)
-              for role, folder in folders.items()}
+    inputs = {
+        role: stage_input(PeftModel.from_pretrained(model, str(folder)), model) for role, folder in folders.items()
+    }
     fused = FusedModel(model.eval(), inputs, "lora_weighted", {})
     total = time.perf_counter() - start
     for weight in WEIGHTS:
@@ -111,11 +120,28 @@ def main() -> None:
     diff = max(abs(a[k] - b[k]) for a, b in zip(ours_results, naive_results) for k in a)
     marginal = sorted(step_ratios)[len(step_ratios) // 2]  # median over the 10 λ after the first
     note = f"11 λ, lora_fusion suites × {args.n} prompts; largest metric difference {diff:.3f}"
-    record("fusion sweep: in-process 11-λ sweep vs naive reload+PEFT cat per λ", ours_time, naive_time, "s", 0.5,
-           False, "python -m bench.sweep", note, rss=(ours_rss, naive_rss))
-    record("fusion sweep: marginal cost per extra λ / one evaluation", marginal, 1.0, "x", 1.15, False,
-           "python -m bench.sweep", "median over 10 λ of (set + evaluate) / a plain evaluation of the same model",
-           rss=(ours_rss, ours_rss))
+    record(
+        "fusion sweep: in-process 11-λ sweep vs naive reload+PEFT cat per λ",
+        ours_time,
+        naive_time,
+        "s",
+        0.5,
+        False,
+        "python -m bench.sweep",
+        note,
+        rss=(ours_rss, naive_rss),
+    )
+    record(
+        "fusion sweep: marginal cost per extra λ / one evaluation",
+        marginal,
+        1.0,
+        "x",
+        1.15,
+        False,
+        "python -m bench.sweep",
+        "median over 10 λ of (set + evaluate) / a plain evaluation of the same model",
+        rss=(ours_rss, ours_rss),
+    )
 
 
 if __name__ == "__main__":

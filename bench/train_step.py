@@ -18,6 +18,7 @@
 
 `--profile` prints where the framework's time goes (torch.profiler, by operator) instead of recording figures.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -45,11 +46,13 @@ def matmul_peak_flops(n: int = 2048) -> float:
 def hand_loop(model, data: TokenizedExamples) -> None:
     model.compile(dynamic=True)  # as the framework does with model.compile_min_steps=0 (setup), deterministically
     torch.use_deterministic_algorithms(True, warn_only=True)
-    loader = torch.utils.data.DataLoader(data, batch_size=BATCH, shuffle=True, collate_fn=data.collate,
-                                         generator=torch.Generator().manual_seed(SEED))
+    loader = torch.utils.data.DataLoader(
+        data, batch_size=BATCH, shuffle=True, collate_fn=data.collate, generator=torch.Generator().manual_seed(SEED)
+    )
     optimizer = torch.optim.AdamW(model.parameters(), lr=LR, betas=(0.9, 0.98), weight_decay=0.0)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(max(1, int(WARMUP * len(loader))),
-                                                                           len(loader)))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, warmup_cosine(max(1, int(WARMUP * len(loader))), len(loader))
+    )
     model.train()
     for batch in loader:
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
@@ -69,10 +72,16 @@ def setup(steps: int, **shape):
 
     stages = Stages(compose("trainer.enable_progress_bar=false", "model.compile_min_steps=0"))
     tokenizer, m = build_tokenizer(stages.world), {**plain(stages.cfg.model), **shape}
-    model = tiny_llama(tokenizer, m["hidden_size"], m["num_layers"], m["num_heads"], m["intermediate_size"],
-                       m["max_position_embeddings"], seed=SEED)
-    data = TokenizedExamples(views.pretrain(stages.world, steps * BATCH, seed=1), tokenizer,
-                             max_length=m["max_length"])
+    model = tiny_llama(
+        tokenizer,
+        m["hidden_size"],
+        m["num_layers"],
+        m["num_heads"],
+        m["intermediate_size"],
+        m["max_position_embeddings"],
+        seed=SEED,
+    )
+    data = TokenizedExamples(views.pretrain(stages.world, steps * BATCH, seed=1), tokenizer, max_length=m["max_length"])
     return stages, model, data
 
 
@@ -85,10 +94,12 @@ def training_flops(model, data: TokenizedExamples) -> float:
 
 def timed(fn) -> tuple[float, float]:
     """(seconds, peak RSS in MiB) of fn()."""
+
     def run() -> float:
         start = time.perf_counter()
         fn()
         return time.perf_counter() - start
+
     return peak_rss_of(run)
 
 
@@ -131,8 +142,10 @@ def main() -> None:
         raise SystemExit(f"the framework and the hand-written loop trained different weights (max |Δ| {drift:.2e})")
     hand, framework, peaks, hand_rss, framework_rss = [], [], [], 0.0, 0.0
     for i in range(a.pairs):
-        sides = [("hand", lambda: hand_loop(copy.deepcopy(base), data)),
-                 ("framework", lambda: framework_fit(stages, copy.deepcopy(base), data))]
+        sides = [
+            ("hand", lambda: hand_loop(copy.deepcopy(base), data)),
+            ("framework", lambda: framework_fit(stages, copy.deepcopy(base), data)),
+        ]
         for side, fn in sides if i % 2 == 0 else sides[::-1]:
             seconds, rss = timed(fn)
             (hand if side == "hand" else framework).append(seconds)
@@ -141,19 +154,40 @@ def main() -> None:
             else:
                 framework_rss = max(framework_rss, rss)
         peaks.append(matmul_peak_flops())
-        print(f"pair {i}: hand {hand[-1]:.2f} s, framework {framework[-1]:.2f} s, "
-              f"ratio {hand[-1] / framework[-1]:.3f}, matmul peak {peaks[-1] / 1e9:.1f} GFLOP/s", flush=True)
+        print(
+            f"pair {i}: hand {hand[-1]:.2f} s, framework {framework[-1]:.2f} s, "
+            f"ratio {hand[-1] / framework[-1]:.3f}, matmul peak {peaks[-1] / 1e9:.1f} GFLOP/s",
+            flush=True,
+        )
     hand_s, framework_s, peak = statistics.median(hand), statistics.median(framework), statistics.median(peaks)
     pair_ratios = sorted(h / f for h, f in zip(hand, framework))
-    note = (f"{a.steps} steps of {BATCH} rows ({tokens} tokens), fresh default tiny Llama, fp32, "
-            f"{torch.get_num_threads()} threads; {a.pairs} alternating pairs, per-pair ratios "
-            f"{pair_ratios[0]:.2f}–{pair_ratios[-1]:.2f}; final weights agree to {drift:.1e}")
-    record("training step: SFT via Lightning vs hand-written loop", tokens / framework_s, tokens / hand_s,
-           "tokens/s", 0.90, True, command, note, rss=(framework_rss, hand_rss))
-    record("hardware efficiency: training FLOP/s / fp32 matmul peak", training_flops(base, data) / framework_s,
-           peak, "FLOP/s", 0.50, True, command,
-           f"default tiny Llama (hidden 96), framework side of the pairs; peak = median of {a.pairs} 2048² matmuls",
-           rss=(framework_rss, framework_rss))
+    note = (
+        f"{a.steps} steps of {BATCH} rows ({tokens} tokens), fresh default tiny Llama, fp32, "
+        f"{torch.get_num_threads()} threads; {a.pairs} alternating pairs, per-pair ratios "
+        f"{pair_ratios[0]:.2f}–{pair_ratios[-1]:.2f}; final weights agree to {drift:.1e}"
+    )
+    record(
+        "training step: SFT via Lightning vs hand-written loop",
+        tokens / framework_s,
+        tokens / hand_s,
+        "tokens/s",
+        0.90,
+        True,
+        command,
+        note,
+        rss=(framework_rss, hand_rss),
+    )
+    record(
+        "hardware efficiency: training FLOP/s / fp32 matmul peak",
+        training_flops(base, data) / framework_s,
+        peak,
+        "FLOP/s",
+        0.50,
+        True,
+        command,
+        f"default tiny Llama (hidden 96), framework side of the pairs; peak = median of {a.pairs} 2048² matmuls",
+        rss=(framework_rss, framework_rss),
+    )
     wide_efficiency(a.steps, command)
 
 
@@ -166,10 +200,17 @@ def wide_efficiency(steps: int, command: str) -> None:
         runs.append(timed(lambda: framework_fit(stages, copy.deepcopy(model), data)))
         peaks.append(matmul_peak_flops())
     seconds, peak, rss = min(s for s, _ in runs), max(peaks), max(r for _, r in runs)
-    record("hardware efficiency, wider variant (hidden 512, 8 heads, ff 2048; NOT the default model)",
-           training_flops(model, data) / seconds, peak, "FLOP/s", None, True, command,
-           f"{wide_steps} steps of {BATCH} rows, framework side, best of 2 against the best of 2 peaks",
-           rss=(rss, rss))
+    record(
+        "hardware efficiency, wider variant (hidden 512, 8 heads, ff 2048; NOT the default model)",
+        training_flops(model, data) / seconds,
+        peak,
+        "FLOP/s",
+        None,
+        True,
+        command,
+        f"{wide_steps} steps of {BATCH} rows, framework side, best of 2 against the best of 2 peaks",
+        rss=(rss, rss),
+    )
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ OpenMP threads that wait for work sleep instead of spinning (unless the user set
 thread holds its core, so next to one other busy process two-thread training fell to a third of its speed, sleeping
 threads keep about half (bench/README.md, `contention`). Set here because OpenMP reads it once, when torch loads.
 """
+
 import os
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")

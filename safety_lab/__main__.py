@@ -1,5 +1,6 @@
 """`python -m safety_lab +experiment=...`: compose the config, run the pipeline, print the run folder last (and, for
 an Optuna search, return the trial's value: safety_lab/search.py)."""
+
 from __future__ import annotations
 
 import json

@@ -12,6 +12,7 @@ process); a damaged entry is moved to `<root>/.quarantine` with a warning and re
 manifests listed files get the list on first use. A build whose safetensors hold a NaN or inf is not published.
 `python -m safety_lab.store verify|gc` checks and cleans a whole store (store.py).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -22,11 +23,12 @@ import shutil
 import tempfile
 import time
 import uuid
+from collections.abc import Callable
 from contextlib import suppress
 from datetime import datetime
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from filelock import FileLock
 
@@ -72,21 +74,27 @@ def _sha256(path: Path) -> str:
 
 def file_records(folder: Path) -> dict[str, dict]:
     """{relative path: {"bytes", "sha256"}} of every file in `folder` but its manifest."""
-    return {p.relative_to(folder).as_posix(): {"bytes": p.stat().st_size, "sha256": _sha256(p)}
-            for p in sorted(folder.rglob("*")) if p.is_file() and p != folder / MANIFEST}
+    return {
+        p.relative_to(folder).as_posix(): {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and p != folder / MANIFEST
+    }
 
 
 def _refuse_non_finite(kind: str, name: str, folder: Path) -> None:
     """Raises if a floating tensor in `folder`'s safetensors holds a NaN or inf: every later run would reuse it."""
     import torch  # heavy: imported at the first publish, not when the entry point (which imports us) starts
     from safetensors import safe_open
+
     for file in sorted(folder.rglob("*.safetensors")):
         with safe_open(str(file), framework="pt") as tensors:
             for key in tensors.keys():
                 tensor = tensors.get_tensor(key)
                 if tensor.is_floating_point() and (bad := int((~torch.isfinite(tensor)).sum())):
-                    raise SafetyLabError(f"refusing to publish {kind} {name}: {key} in {file.relative_to(folder)} "
-                                         f"has {bad} non-finite values")
+                    raise SafetyLabError(
+                        f"refusing to publish {kind} {name}: {key} in {file.relative_to(folder)} "
+                        f"has {bad} non-finite values"
+                    )
 
 
 class ArtifactStore:
@@ -197,10 +205,20 @@ class ArtifactStore:
                 metrics = build(tmp) or {}
                 _refuse_non_finite(kind, final.name, tmp)
                 import torch  # loaded by the build; threads are recorded, not part of the recipe
-                write_json_atomic(tmp / MANIFEST, {"kind": kind, "hash": final.name, "recipe": recipe,
-                                                   "metrics": metrics, "seconds": round(time.time() - start, 1),
-                                                   "versions": _versions(), "threads": torch.get_num_threads(),
-                                                   "files": file_records(tmp)})
+
+                write_json_atomic(
+                    tmp / MANIFEST,
+                    {
+                        "kind": kind,
+                        "hash": final.name,
+                        "recipe": recipe,
+                        "metrics": metrics,
+                        "seconds": round(time.time() - start, 1),
+                        "versions": _versions(),
+                        "threads": torch.get_num_threads(),
+                        "files": file_records(tmp),
+                    },
+                )
                 if final.exists():  # a stale, manifest-less folder (a crash of an older layout): replace it
                     shutil.rmtree(final)
                 os.replace(tmp, final)

@@ -6,6 +6,7 @@ it, memory-mapped so the check reads little. Safetensors files are checked by th
 and cover the whole file (a cut-short download or copy does not). Either problem is one `SafetyLabError` line naming
 the file.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -32,8 +33,11 @@ def check_torch_file(path: Path) -> None:
         torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     except Exception as e:  # nothing runs under weights_only, so any failure only means the file cannot be loaded
         refused = re.search(r"GLOBAL ([\w.]+)", str(e))
-        why = (f"it pickles {refused[1]}, which torch.load(weights_only=True) refuses" if refused
-               else f"truncated or not a torch file ({_first_line(e)})")
+        why = (
+            f"it pickles {refused[1]}, which torch.load(weights_only=True) refuses"
+            if refused
+            else f"truncated or not a torch file ({_first_line(e)})"
+        )
         raise SafetyLabError(f"{path}: cannot be loaded safely: {why}") from None
 
 

@@ -3,6 +3,7 @@
 Each config group's YAML files start from the schema stored here under the name `schema` (`defaults: [schema,
 _self_]`), so a wrong type or an unknown choice fails with one line naming the key, the value and what is allowed.
 """
+
 from __future__ import annotations
 
 import math
@@ -289,9 +290,16 @@ def register() -> None:
     """Store each group's schema as `<group>/schema`, and each method's own settings (a `MethodConfig` subclass) as
     `method/schema_<its name>`."""
     cs = ConfigStore.instance()
-    for group, node in (("world", WorldSpec), ("model", ModelConfig), ("method", MethodConfig),
-                        ("dataset", DatasetConfig), ("eval", EvalConfig), ("analysis", AnalysisConfig),
-                        ("fusion", FusionConfig), ("task", TaskConfig)):
+    for group, node in (
+        ("world", WorldSpec),
+        ("model", ModelConfig),
+        ("method", MethodConfig),
+        ("dataset", DatasetConfig),
+        ("eval", EvalConfig),
+        ("analysis", AnalysisConfig),
+        ("fusion", FusionConfig),
+        ("task", TaskConfig),
+    ):
         cs.store(group=group, name="schema", node=node)
     schemas = MethodConfig.__subclasses__()
     while schemas:
@@ -303,15 +311,27 @@ def register() -> None:
 # Numeric settings whose range is known, checked by key name wherever they occur (the run's method, the align, fusion
 # and mask-DPO task stages, datasets, suites, merge arguments); an unset (null) value keeps its default.
 POSITIVE = ("lr", "beta", "beta_rejected")
-AT_LEAST_ONE = ("epochs", "n", "batch_size", "ref_batch_size", "accumulate_grad_batches", "max_new_tokens", "r",
-                "steps", "lipschitz_n", "row_space_k", "threads")
+AT_LEAST_ONE = (
+    "epochs",
+    "n",
+    "batch_size",
+    "ref_batch_size",
+    "accumulate_grad_batches",
+    "max_new_tokens",
+    "r",
+    "steps",
+    "lipschitz_n",
+    "row_space_k",
+    "threads",
+)
 NON_NEGATIVE = ("weight_decay", "gradient_clip_val", "retain_weight", "forget_weight", "sparsity", "alpha")
-PROBABILITY = ("warmup_ratio", "min_lr_ratio", "dropout", "obey_fraction", "drop_rate", "density", "top_k",
-               "energy")
-RANGES = {**{k: ("> 0", lambda v: v > 0) for k in POSITIVE},
-          **{k: (">= 1", lambda v: v >= 1) for k in AT_LEAST_ONE},
-          **{k: (">= 0", lambda v: v >= 0) for k in NON_NEGATIVE},
-          **{k: ("in [0, 1]", lambda v: 0 <= v <= 1) for k in PROBABILITY}}
+PROBABILITY = ("warmup_ratio", "min_lr_ratio", "dropout", "obey_fraction", "drop_rate", "density", "top_k", "energy")
+RANGES = {
+    **{k: ("> 0", lambda v: v > 0) for k in POSITIVE},
+    **{k: (">= 1", lambda v: v >= 1) for k in AT_LEAST_ONE},
+    **{k: (">= 0", lambda v: v >= 0) for k in NON_NEGATIVE},
+    **{k: ("in [0, 1]", lambda v: 0 <= v <= 1) for k in PROBABILITY},
+}
 UNCHECKED = ("hydra", "judge_args", "trainer")  # other programs' settings, checked by those programs
 
 

@@ -9,6 +9,7 @@ Lightning re-runs `sys.argv`, which under `-m` is the whole sweep and in a jobli
 `job_command` re-runs this Hydra *job* instead, into the same run folder. `job_scope` leaves the process as it
 found it (no process group, no launch variables), so the next job of a sweep in the same process launches afresh.
 """
+
 from __future__ import annotations
 
 import os
@@ -65,8 +66,15 @@ def job_command(local_rank: int) -> tuple[list[str], str]:
     from hydra.core.hydra_config import HydraConfig
 
     hydra = HydraConfig.get()
-    return [sys.executable, "-m", "safety_lab", *hydra.overrides.task, f'hydra.run.dir="{hydra.runtime.output_dir}"',
-            "hydra.output_subdir=null", f"hydra.job.name=rank{local_rank}"], hydra.runtime.cwd
+    return [
+        sys.executable,
+        "-m",
+        "safety_lab",
+        *hydra.overrides.task,
+        f'hydra.run.dir="{hydra.runtime.output_dir}"',
+        "hydra.output_subdir=null",
+        f"hydra.job.name=rank{local_rank}",
+    ], hydra.runtime.cwd
 
 
 def use_job_command() -> None:

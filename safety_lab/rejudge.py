@@ -17,6 +17,7 @@ stopped and a repeated one asks nothing again. Arguments may be written as on th
 rates and their agreement, Cohen's kappa (`agreement`). Bad inputs (no such folder, no generations.jsonl under it, a
 malformed row, an unknown judge, argument or field) are one `error:` line and exit 2, with nothing written.
 """
+
 from __future__ import annotations
 
 import inspect
@@ -41,8 +42,10 @@ from safety_lab.eval.metrics import breakdown, cohens_kappa, suite_metrics
 GENERATIONS = "generations.jsonl"
 SETTINGS = ("judge", "judge_args", "name", "by")
 VERDICTS = ("refused", "complied")
-USAGE = "usage: python -m safety_lab.rejudge RUN_DIR judge=<name> [judge_args.<key>=<value> ...] [name=<label>] " \
-        "[by=<field>[,<field>]]"
+USAGE = (
+    "usage: python -m safety_lab.rejudge RUN_DIR judge=<name> [judge_args.<key>=<value> ...] [name=<label>] "
+    "[by=<field>[,<field>]]"
+)
 
 
 def settings(overrides: list[str]) -> dict:
@@ -61,15 +64,20 @@ def settings(overrides: list[str]) -> dict:
     name = str(given.get("name") or given["judge"])
     if not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
         raise SafetyLabError(f"rejudge: name={name!r} must be letters, digits, '_', '.' or '-' (it names files)")
-    return {"judge": given["judge"], "judge_args": dict(given.get("judge_args") or {}), "name": name,
-            "by": by.split(",") if isinstance(by, str) else [str(b) for b in by]}
+    return {
+        "judge": given["judge"],
+        "judge_args": dict(given.get("judge_args") or {}),
+        "name": name,
+        "by": by.split(",") if isinstance(by, str) else [str(b) for b in by],
+    }
 
 
 def generation_files(root: Path) -> list[Path]:
     if not root.is_dir():
         raise SafetyLabError(f"rejudge: {root} " + ("is not a folder" if root.exists() else "does not exist"))
-    files = sorted(p for p in root.rglob(GENERATIONS)
-                   if not any(part.startswith(".") for part in p.relative_to(root).parts))
+    files = sorted(
+        p for p in root.rglob(GENERATIONS) if not any(part.startswith(".") for part in p.relative_to(root).parts)
+    )
     if not files:
         raise SafetyLabError(f"rejudge: no {GENERATIONS} in {root} or below: nothing to re-judge")
     return files
@@ -97,8 +105,9 @@ def main_column(folder: Path, tags: list) -> object:
     return unprefixed[0] if len(unprefixed) == 1 else None
 
 
-def folder_metrics(rows: list[dict], judgements: list[Judgement], judge: Judge, by: list[str],
-                   main: object) -> dict[str, float]:
+def folder_metrics(
+    rows: list[dict], judgements: list[Judgement], judge: Judge, by: list[str], main: object
+) -> dict[str, float]:
     """metrics.json's layout for these verdicts (the `main` tag unprefixed): per model tag and suite,
     `suite_metrics` and the `by` breakdowns."""
     groups: dict[tuple, tuple[list, list]] = {}
@@ -131,9 +140,13 @@ def build(name: str, args: dict, root: Path) -> Judge:
 
 
 def verdict_row(row: dict, judgement: Judgement) -> dict:
-    return {"model": row.get("model"), "suite": row["suite"], "refused": judgement.refused,
-            "complied": judgement.complied,
-            **{k: v for k, v in (("score", judgement.score), ("label", judgement.label)) if v is not None}}
+    return {
+        "model": row.get("model"),
+        "suite": row["suite"],
+        "refused": judgement.refused,
+        "complied": judgement.complied,
+        **{k: v for k, v in (("score", judgement.score), ("label", judgement.label)) if v is not None},
+    }
 
 
 def write_lines(path: Path, rows: list[dict]) -> None:
@@ -156,8 +169,9 @@ def rejudge(root: Path, overrides: list[str]) -> list[Path]:
     for folder, rows in runs.items():
         judgements = judge.judge([probe(r) for r in rows], [r["response"] for r in rows])
         metrics = folder_metrics(rows, judgements, judge, chosen["by"], mains[folder])
-        write_lines(folder / f"judgements_{chosen['name']}.jsonl",
-                    [verdict_row(r, j) for r, j in zip(rows, judgements)])
+        write_lines(
+            folder / f"judgements_{chosen['name']}.jsonl", [verdict_row(r, j) for r, j in zip(rows, judgements)]
+        )
         write_json_atomic(folder / f"metrics_{chosen['name']}.json", {"judge": chosen["judge"], **metrics})
     return list(runs)
 
@@ -203,14 +217,27 @@ def agreement(folder: Path, root: Path | None = None) -> list[dict]:
             groups.setdefault((x.get("model"), x.get("suite")), []).append((x, y))
         for (tag, suite), pairs in groups.items():
             for verdict in VERDICTS:
-                both = [(x[verdict], y[verdict]) for x, y in pairs
-                        if isinstance(x.get(verdict), bool) and isinstance(y.get(verdict), bool)]
+                both = [
+                    (x[verdict], y[verdict])
+                    for x, y in pairs
+                    if isinstance(x.get(verdict), bool) and isinstance(y.get(verdict), bool)
+                ]
                 if not both:
                     continue
                 xs, ys = zip(*both)
-                out.append({"model": tag, "suite": suite, "verdict": verdict, "n": len(both), "judge_a": name_a,
-                            "rate_a": sum(xs) / len(xs), "judge_b": name_b, "rate_b": sum(ys) / len(ys),
-                            "kappa": cohens_kappa(xs, ys)})
+                out.append(
+                    {
+                        "model": tag,
+                        "suite": suite,
+                        "verdict": verdict,
+                        "n": len(both),
+                        "judge_a": name_a,
+                        "rate_a": sum(xs) / len(xs),
+                        "judge_b": name_b,
+                        "rate_b": sum(ys) / len(ys),
+                        "kappa": cohens_kappa(xs, ys),
+                    }
+                )
     return out
 
 
@@ -232,8 +259,10 @@ def main(argv: list[str]) -> int:
         print(f"{folder}: metrics_{name}.json, judgements_{name}.jsonl")
         for r in agreement(folder, Path(argv[0])):
             if r["judge_b"] == name:
-                print(f"  {r['model']} {r['suite']} {r['verdict']}: {r['judge_a']} {r['rate_a']:.3f}, "
-                      f"{name} {r['rate_b']:.3f}, kappa {kappa_text(r['kappa'])} (n={r['n']})")
+                print(
+                    f"  {r['model']} {r['suite']} {r['verdict']}: {r['judge_a']} {r['rate_a']:.3f}, "
+                    f"{name} {r['rate_b']:.3f}, kappa {kappa_text(r['kappa'])} (n={r['n']})"
+                )
     return 0
 
 

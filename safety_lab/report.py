@@ -24,6 +24,7 @@ Every file is written whole (a temp file renamed over it). A malformed `metrics.
 report before anything is written, with a SafetyLabError naming the file: one line from the CLI (exit 2) and in
 the multirun's log.
 """
+
 from __future__ import annotations
 
 import csv
@@ -44,8 +45,11 @@ from safety_lab.rejudge import agreement, kappa_text
 
 log = logging.getLogger(__name__)
 WEIGHT = "fusion/weight"
-PANELS = (("harmfulness", "harmful", "compliance_rate"), ("over-refusal", "borderline", "refusal_rate"),
-          ("utility", "utility", "accuracy"))
+PANELS = (
+    ("harmfulness", "harmful", "compliance_rate"),
+    ("over-refusal", "borderline", "refusal_rate"),
+    ("utility", "utility", "accuracy"),
+)
 CI = ("_ci_low", "_ci_high")  # suffixes of a metric's 95% interval bounds
 SEED_COLUMNS = [WEIGHT, "overrides", "jobs", "failed", "metric", "n", "mean", "std", "min", "max"]
 JUDGE_COLUMNS = ["job", "model", "suite", "verdict", "n", "judge_a", "rate_a", "judge_b", "rate_b", "kappa"]
@@ -84,8 +88,12 @@ def collect(root: Path) -> list[dict]:
     root, rows = Path(root), []
     if not root.is_dir():
         raise SafetyLabError(f"report: {root} " + ("is not a folder" if root.exists() else "does not exist"))
-    folders = {p.parent for name in ("metrics.json", "failed.json") for p in root.rglob(name)
-               if not any(part.startswith(".") for part in p.relative_to(root).parts)}
+    folders = {
+        p.parent
+        for name in ("metrics.json", "failed.json")
+        for p in root.rglob(name)
+        if not any(part.startswith(".") for part in p.relative_to(root).parts)
+    }
     for folder in sorted(folders, key=lambda f: _natural(str(f.relative_to(root)))):
         overrides = _overrides(folder, root)
         row = {"job": str(folder.relative_to(root)) or ".", "overrides": " ".join(overrides)}
@@ -124,8 +132,13 @@ def seed_groups(rows: list[dict]) -> dict[tuple[str, float | None], list[dict]]:
 
 def aggregate(values: list[float]) -> dict:
     """`n`, `mean`, `std` (sample standard deviation, ddof=1; None for one value), `min` and `max` of `values`."""
-    return {"n": len(values), "mean": statistics.fmean(values),
-            "std": statistics.stdev(values) if len(values) > 1 else None, "min": min(values), "max": max(values)}
+    return {
+        "n": len(values),
+        "mean": statistics.fmean(values),
+        "std": statistics.stdev(values) if len(values) > 1 else None,
+        "min": min(values),
+        "max": max(values),
+    }
 
 
 def summarize(groups: dict[tuple[str, float | None], list[dict]], keys: list[str]) -> list[dict]:
@@ -135,8 +148,15 @@ def summarize(groups: dict[tuple[str, float | None], list[dict]], keys: list[str
     for (overrides, weight), group in groups.items():
         ok = [r for r in group if r["status"] == "ok"]
         stats = {k: aggregate([r[k] for r in ok if k in r]) for k in keys if any(k in r for r in ok)}
-        summaries.append({"overrides": overrides, **({} if weight is None else {WEIGHT: weight}), "jobs": len(group),
-                          "failed": len(group) - len(ok), "stats": stats})
+        summaries.append(
+            {
+                "overrides": overrides,
+                **({} if weight is None else {WEIGHT: weight}),
+                "jobs": len(group),
+                "failed": len(group) - len(ok),
+                "stats": stats,
+            }
+        )
     return summaries
 
 
@@ -192,30 +212,56 @@ def _seed_table(summaries: list[dict], shown: list[str]) -> list[str]:
     weighted = any(WEIGHT in s for s in summaries)
     several = len({s["overrides"] for s in summaries}) > 1
     header = [*(["λ"] if weighted else []), *(["overrides"] if several else []), "jobs", *shown]
-    cells = [[*([_weight(s)] if weighted else []), *([f"`{s['overrides']}`"] if several else []),
-              f"failed {s['failed']} of {s['jobs']}" if s["failed"] else str(s["jobs"]),
-              *(_stat_cell(s["stats"].get(k)) for k in shown)] for s in summaries]
-    return ["Over seeds (jobs that differ only by `seed=`): mean ± sample standard deviation (ddof=1; — for one "
-            "seed) [min, max] (n = successful jobs); failed jobs are left out of the means.", "",
-            *_table(header, cells)]
+    cells = [
+        [
+            *([_weight(s)] if weighted else []),
+            *([f"`{s['overrides']}`"] if several else []),
+            f"failed {s['failed']} of {s['jobs']}" if s["failed"] else str(s["jobs"]),
+            *(_stat_cell(s["stats"].get(k)) for k in shown),
+        ]
+        for s in summaries
+    ]
+    return [
+        "Over seeds (jobs that differ only by `seed=`): mean ± sample standard deviation (ddof=1; — for one "
+        "seed) [min, max] (n = successful jobs); failed jobs are left out of the means.",
+        "",
+        *_table(header, cells),
+    ]
 
 
 def judge_agreement(root: Path, rows: list[dict]) -> list[dict]:
     """`rejudge.agreement` of every successful job under `root`, each row with its `job`."""
-    return [{"job": r["job"], **a} for r in rows if r["status"] == "ok"
-            for a in agreement(root / r["job"], root)]
+    return [{"job": r["job"], **a} for r in rows if r["status"] == "ok" for a in agreement(root / r["job"], root)]
 
 
 def _judge_table(judges: list[dict]) -> list[str]:
     header = ["job", "model", "suite", "verdict", "n", "judge A", "rate A", "judge B", "rate B", "Cohen's κ"]
-    cells = [[j["job"], str(j["model"]), j["suite"], j["verdict"], str(j["n"]), j["judge_a"], f"{j['rate_a']:.3f}",
-              j["judge_b"], f"{j['rate_b']:.3f}", kappa_text(j["kappa"])] for j in judges]
-    return ["Judges of the same generations: each judge's rate of the verdict and their agreement (Cohen's κ; — where "
-            "both give one verdict throughout).", "", *_table(header, cells)]
+    cells = [
+        [
+            j["job"],
+            str(j["model"]),
+            j["suite"],
+            j["verdict"],
+            str(j["n"]),
+            j["judge_a"],
+            f"{j['rate_a']:.3f}",
+            j["judge_b"],
+            f"{j['rate_b']:.3f}",
+            kappa_text(j["kappa"]),
+        ]
+        for j in judges
+    ]
+    return [
+        "Judges of the same generations: each judge's rate of the verdict and their agreement (Cohen's κ; — where "
+        "both give one verdict throughout).",
+        "",
+        *_table(header, cells),
+    ]
 
 
-def write_tables(rows: list[dict], folder: Path, summaries: list[dict] | None = None,
-                 judges: list[dict] | None = None) -> list[Path]:
+def write_tables(
+    rows: list[dict], folder: Path, summaries: list[dict] | None = None, judges: list[dict] | None = None
+) -> list[Path]:
     """`report.csv` and `report.md`; with `summaries` (seed groups) also their table and `report_seeds.csv`; with
     `judges` (`judge_agreement`) their table and `report_judges.csv`."""
     keys = _metric_keys(rows)
@@ -240,8 +286,18 @@ def write_tables(rows: list[dict], folder: Path, summaries: list[dict] | None = 
         lines += ["", "Same in every successful job: " + "; ".join(f"{k} {_cell(ok[0], k)}" for k in same) + "."]
     if summaries:
         lines += ["", *_seed_table(summaries, shown)]
-        seed_rows = [{WEIGHT: s.get(WEIGHT), "overrides": s["overrides"], "jobs": s["jobs"], "failed": s["failed"],
-                      "metric": key, **stats} for s in summaries for key, stats in (s["stats"] or {"": {}}).items()]
+        seed_rows = [
+            {
+                WEIGHT: s.get(WEIGHT),
+                "overrides": s["overrides"],
+                "jobs": s["jobs"],
+                "failed": s["failed"],
+                "metric": key,
+                **stats,
+            }
+            for s in summaries
+            for key, stats in (s["stats"] or {"": {}}).items()
+        ]
         paths.append(_write(folder / "report_seeds.csv", _csv(seed_rows, SEED_COLUMNS)))
     if judges:
         lines += ["", *_judge_table(judges)]
@@ -253,11 +309,20 @@ def _points(rows: list[dict], summaries: list[dict] | None) -> tuple[list[tuple[
     """What the plots draw, by x: (x, {metric: (y, low, high, std)}), each successful job with its 95% interval or,
     with `summaries`, each group's mean with its min, max and std over seeds; x is λ, else the job/group number."""
     if summaries:
-        points = [(s.get(WEIGHT), {k: (a["mean"], a["min"], a["max"], a["std"] or 0.0) for k, a in s["stats"].items()})
-                  for s in summaries if s["stats"]]
+        points = [
+            (s.get(WEIGHT), {k: (a["mean"], a["min"], a["max"], a["std"] or 0.0) for k, a in s["stats"].items()})
+            for s in summaries
+            if s["stats"]
+        ]
     else:
-        points = [(r.get(WEIGHT), {k: (r[k], r.get(f"{k}_ci_low", r[k]), r.get(f"{k}_ci_high", r[k]), 0.0)
-                                   for k in _metric_keys([r])}) for r in rows if r["status"] == "ok"]
+        points = [
+            (
+                r.get(WEIGHT),
+                {k: (r[k], r.get(f"{k}_ci_low", r[k]), r.get(f"{k}_ci_high", r[k]), 0.0) for k in _metric_keys([r])},
+            )
+            for r in rows
+            if r["status"] == "ok"
+        ]
     if all(x is not None for x, _ in points):
         return sorted(points, key=lambda p: p[0]), "λ (fusion.weight)"
     return list(enumerate(p for _, p in points)), "group" if summaries else "job"
@@ -279,12 +344,20 @@ def write_plots(rows: list[dict], folder: Path, summaries: list[dict] | None = N
             xs, values = zip(*[(x, p[key]) for x, p in points if key in p])
             ys, lows, highs, _ = zip(*values)
             if summaries:
-                line, = ax.plot(xs, ys, marker="o", label=key)
+                (line,) = ax.plot(xs, ys, marker="o", label=key)
                 ax.fill_between(xs, lows, highs, color=line.get_color(), alpha=0.2)
             else:  # max(0, …): a Wilson bound of 1 − 1e-16 lies below a rate of 1
-                ax.errorbar(xs, ys, yerr=[[max(0.0, y - lo) for y, lo in zip(ys, lows)],
-                                          [max(0.0, hi - y) for y, hi in zip(ys, highs)]],
-                            marker="o", capsize=3, label=key)
+                ax.errorbar(
+                    xs,
+                    ys,
+                    yerr=[
+                        [max(0.0, y - lo) for y, lo in zip(ys, lows)],
+                        [max(0.0, hi - y) for y, hi in zip(ys, highs)],
+                    ],
+                    marker="o",
+                    capsize=3,
+                    label=key,
+                )
         ax.set(title=title, xlabel=xlabel, ylim=(-0.03, 1.03))
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7)
@@ -308,14 +381,25 @@ def _pareto(plt, points: list[tuple[float, dict]], harm: str, use: str, name: st
     front = sorted(p[:2] for p in pts if not any(q[0] >= p[0] and q[1] <= p[1] and q[:2] != p[:2] for q in pts))
     fig, ax = plt.subplots(figsize=(5.5, 4.5), constrained_layout=True)
     if seeded:
-        ax.errorbar([p[0] for p in pts], [p[1] for p in pts], xerr=[p[3] for p in pts], yerr=[p[4] for p in pts],
-                    fmt="none", ecolor="gray", capsize=3, label="±1 std over seeds")
+        ax.errorbar(
+            [p[0] for p in pts],
+            [p[1] for p in pts],
+            xerr=[p[3] for p in pts],
+            yerr=[p[4] for p in pts],
+            fmt="none",
+            ecolor="gray",
+            capsize=3,
+            label="±1 std over seeds",
+        )
     ax.scatter([p[0] for p in pts], [p[1] for p in pts], c=[p[2] for p in pts], cmap="viridis", zorder=3)
     ax.plot([p[0] for p in front], [p[1] for p in front], "r--", label="Pareto front")
     for u, h, x, *_ in pts:
         ax.annotate(f"{x:g}", (u, h), textcoords="offset points", xytext=(4, 4), fontsize=7)
-    ax.set(xlabel=use, ylabel=harm,
-           title=("means over seeds: " if seeded else "") + f"harmfulness vs utility (labels: {name})")
+    ax.set(
+        xlabel=use,
+        ylabel=harm,
+        title=("means over seeds: " if seeded else "") + f"harmfulness vs utility (labels: {name})",
+    )
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
     _write(path, fig)
@@ -354,8 +438,11 @@ class SweepReport(Callback):
         print(config.hydra.sweep.dir)
         failed = [r for r in rows or [] if r["status"] != "ok"]
         if failed:
-            print(f"error: {len(failed)} of {len(rows)} jobs failed: "
-                  + "; ".join(f"{r['job']} ({r['error']})" for r in failed), file=sys.stderr)
+            print(
+                f"error: {len(failed)} of {len(rows)} jobs failed: "
+                + "; ".join(f"{r['job']} ({r['error']})" for r in failed),
+                file=sys.stderr,
+            )
         if failed or rows is None:
             sys.exit(1)
 

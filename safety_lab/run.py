@@ -4,6 +4,7 @@
 stages at weight λ, `task=analyse` runs the mechanistic study (safety_lab/tasks/). Every trained thing comes from
 the artifact store by recipe (`stages.py`), so re-running a finished experiment only evaluates.
 """
+
 from __future__ import annotations
 
 import inspect
@@ -35,7 +36,8 @@ def run(cfg: DictConfig) -> Path | None:
     out.mkdir(parents=True, exist_ok=True)
     try:
         inspect.signature(get_class(cfg.trainer._target_)).bind(
-            **{k: v for k, v in cfg.trainer.items() if k != "_target_"}, **cfg.strategy)
+            **{k: v for k, v in cfg.trainer.items() if k != "_target_"}, **cfg.strategy
+        )
     except TypeError as e:
         raise SafetyLabError(f"trainer / strategy: {e} (of {cfg.trainer._target_})") from e
     stages = Stages(cfg)

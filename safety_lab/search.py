@@ -6,6 +6,7 @@ minimize, bounds: {utility/accuracy: 0.93}}`); a trial that breaks a bound score
 them all (its metric's worst value, 1, pushed further by how far it missed), so the search is steered back inside
 the bounds without hard-failing trials. Examples: conf/experiment/search_*.yaml, experiments/search/README.md.
 """
+
 from __future__ import annotations
 
 from safety_lab.errors import SafetyLabError
@@ -17,12 +18,16 @@ def check_search(search, suites) -> None:
     """One line for a search that cannot work: an unknown direction, or a metric or bound on no evaluated suite."""
     if search.get("direction") not in DIRECTIONS:
         raise SafetyLabError(f"search.direction={search.get('direction')!r} is not one of {', '.join(DIRECTIONS)}")
-    for where, metric in [("search.metric", search.get("metric")),
-                          *((f"search.bounds.{k}", k) for k in search.get("bounds") or {})]:
+    for where, metric in [
+        ("search.metric", search.get("metric")),
+        *((f"search.bounds.{k}", k) for k in search.get("bounds") or {}),
+    ]:
         suite = str(metric).split("/")[0]
         if "/" not in str(metric) or suite not in suites:
-            raise SafetyLabError(f"{where}: {metric!r} is not a metric of an evaluated suite "
-                                 f"(<suite>/<metric>, suites: {', '.join(sorted(suites))})")
+            raise SafetyLabError(
+                f"{where}: {metric!r} is not a metric of an evaluated suite "
+                f"(<suite>/<metric>, suites: {', '.join(sorted(suites))})"
+            )
 
 
 def objective(metrics: dict, search) -> float:
@@ -30,8 +35,10 @@ def objective(metrics: dict, search) -> float:
     plus the total shortfall (minimize) or minus it (maximize)."""
     for key in [search.metric, *(search.get("bounds") or {})]:
         if key not in metrics:
-            raise SafetyLabError(f"search: {key!r} is not in the run's metrics.json (it has "
-                                 f"{', '.join(sorted(k for k in metrics if '/' in k)[:8])}, …)")
+            raise SafetyLabError(
+                f"search: {key!r} is not in the run's metrics.json (it has "
+                f"{', '.join(sorted(k for k in metrics if '/' in k)[:8])}, …)"
+            )
     shortfall = sum(max(0.0, bound - metrics[key]) for key, bound in (search.get("bounds") or {}).items())
     if search.direction == "minimize":
         return 1.0 + shortfall if shortfall else float(metrics[search.metric])

@@ -3,6 +3,7 @@
 It sits above both kinds of source, so imports run one way: `sources` → `data`, `worlds`; `worlds` → `data.records`;
 `data` imports neither.
 """
+
 from __future__ import annotations
 
 from omegaconf import OmegaConf
@@ -63,10 +64,16 @@ def load_suites(cfg, world: World) -> dict[str, list[Probe]]:
         else:
             if (suite.unsafe is None) == (suite.unsafe_key is None):
                 raise SafetyLabError(f"eval.suites.{name}: set exactly one of unsafe= or unsafe_key=")
-            rows = load_rows(_required(suite.path, f"eval.suites.{name}.path"), suite.split, suite.adapter,
-                             suite.args, source=f"eval.suites.{name}")
-            suites[name] = io.to_probes(rows, suite.prompt_key, unsafe=suite.unsafe, unsafe_key=suite.unsafe_key,
-                                        source=suite.path)[:n]
+            rows = load_rows(
+                _required(suite.path, f"eval.suites.{name}.path"),
+                suite.split,
+                suite.adapter,
+                suite.args,
+                source=f"eval.suites.{name}",
+            )
+            suites[name] = io.to_probes(
+                rows, suite.prompt_key, unsafe=suite.unsafe, unsafe_key=suite.unsafe_key, source=suite.path
+            )[:n]
     return suites
 
 
@@ -74,4 +81,3 @@ def _required(value, key: str):
     if not value:
         raise SafetyLabError(f"{key} is required for a file dataset")
     return value
-

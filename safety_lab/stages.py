@@ -6,6 +6,7 @@ configured trainer and strategy (`fit`), resolves the run's base (`base`: the sy
 `align` stage is merged in), builds or reuses a stage on a base (`apply`), and computes every store recipe
 (`recipe`), the one place that decides when an artifact is reused.
 """
+
 from __future__ import annotations
 
 import copy
@@ -43,8 +44,13 @@ for _name in ("lightning.pytorch", "lightning.fabric"):  # their banners ("GPU a
 # Model settings that do not change the synthetic base's weights (or only apply to real models).
 NOT_IN_BASE_RECIPE = ("template", "gradient_checkpointing", "compile_min_steps", "quantization", "allow_pickle")
 # Trainer settings that change nothing about the trained weights, so they stay out of recipes.
-COSMETIC = {"log_every_n_steps", "enable_checkpointing", "enable_model_summary", "enable_progress_bar",
-            "num_sanity_val_steps"}
+COSMETIC = {
+    "log_every_n_steps",
+    "enable_checkpointing",
+    "enable_model_summary",
+    "enable_progress_bar",
+    "num_sanity_val_steps",
+}
 
 
 @dataclass
@@ -93,8 +99,10 @@ class StopOnNonFinite(L.Callback):
 
     def fail(self, trainer, what: str):
         loss = trainer.callback_metrics.get("train/loss")
-        raise SafetyLabError(f"{self.stage}: {what} is not finite at step {trainer.global_step} (last logged loss "
-                             f"{float(loss) if loss is not None else 'none'}); lower the learning rate")
+        raise SafetyLabError(
+            f"{self.stage}: {what} is not finite at step {trainer.global_step} (last logged loss "
+            f"{float(loss) if loss is not None else 'none'}); lower the learning rate"
+        )
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
         loss = outputs["loss"] if isinstance(outputs, dict) else outputs
@@ -148,8 +156,12 @@ class Stages:
             if not model["pretrain"]["args"]:  # left out when empty, so bases made before view args existed stay valid
                 del model["pretrain"]["args"]
             return {"model": model, **world, **training}
-        recipe = {**{k: plain(v) for k, v in inputs.items()}, "seed": self.cfg.seed,
-                  "template": plain(self.cfg.model.template), **training}
+        recipe = {
+            **{k: plain(v) for k, v in inputs.items()},
+            "seed": self.cfg.seed,
+            "template": plain(self.cfg.model.template),
+            **training,
+        }
         return {**recipe, **world} if kind == "mask" or recipe["dataset"].get("source") == "synthetic" else recipe
 
     def get_or_build(self, kind: str, build: Callable[[Path], dict | None], **inputs) -> Path:
@@ -159,8 +171,9 @@ class Stages:
     def examples(self, dataset_cfg) -> list:
         return load_examples(dataset_cfg, self.world)
 
-    def fit(self, stage: str, module: L.LightningModule, data: TokenizedExamples, batch_size: int, epochs: int,
-            seed: int) -> dict:
+    def fit(
+        self, stage: str, module: L.LightningModule, data: TokenizedExamples, batch_size: int, epochs: int, seed: int
+    ) -> dict:
         """Train `module` with the configured Trainer, strategy and logger; returns the last logged metrics.
 
         `batch_size` is per micro-batch and process: the global batch is batch_size × accumulation × processes,
@@ -174,17 +187,29 @@ class Stages:
         callbacks, resume = [ResumeState(loader.sampler), StopOnNonFinite(stage)], None
         checkpoints = self.store.checkpoints()
         if cfg.trainer.enable_checkpointing and checkpoints is not None:
-            callbacks.append(ModelCheckpoint(dirpath=checkpoints / stage, save_last=True, save_top_k=0,
-                                             every_n_train_steps=cfg.ckpt_every_n_steps))
+            callbacks.append(
+                ModelCheckpoint(
+                    dirpath=checkpoints / stage,
+                    save_last=True,
+                    save_top_k=0,
+                    every_n_train_steps=cfg.ckpt_every_n_steps,
+                )
+            )
             resume = resume_path(checkpoints / stage / "last.ckpt", cfg.ckpt_path)  # a corrupt one is set aside
             if resume:
                 log.info("resuming %s from %s", stage, resume)
         logger = instantiate(cfg.logger, name=stage)
         # outside a store build nothing resumes, so no Lightning default end-of-epoch checkpoint is written either
-        trainer = instantiate(cfg.trainer, **plain(cfg.strategy), max_epochs=epochs, logger=logger,
-                              callbacks=callbacks, use_distributed_sampler=False,
-                              enable_checkpointing=any(isinstance(c, ModelCheckpoint) for c in callbacks),
-                              default_root_dir=str(Path(cfg.paths.output_dir) / stage))
+        trainer = instantiate(
+            cfg.trainer,
+            **plain(cfg.strategy),
+            max_epochs=epochs,
+            logger=logger,
+            callbacks=callbacks,
+            use_distributed_sampler=False,
+            enable_checkpointing=any(isinstance(c, ModelCheckpoint) for c in callbacks),
+            default_root_dir=str(Path(cfg.paths.output_dir) / stage),
+        )
         if cfg.model.get("gradient_checkpointing"):
             module.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         module.train()  # evaluation may have left it in eval mode
@@ -213,8 +238,7 @@ class Stages:
             method.save(trained["model"], base.tokenizer, folder)
             return metrics
 
-        folder = self.get_or_build(method.kind(method_cfg), build, base=base.id, method=method_cfg,
-                                   dataset=dataset_cfg)
+        folder = self.get_or_build(method.kind(method_cfg), build, base=base.id, method=method_cfg, dataset=dataset_cfg)
         tuned = trained["model"] if trained else method.load(base.model, folder)
         return Model(tuned, base.tokenizer, entry_id(folder))
 
@@ -227,8 +251,10 @@ class Stages:
                 folder = dequantise_gguf(self.store, m.path, m.gguf_file)
                 base = Model(*load_pretrained(folder, m.dtype, quantization=m.quantization), entry_id(folder))
             else:
-                base = Model(*load_pretrained(m.path, m.dtype, quantization=m.quantization,
-                                              allow_pickle=m.allow_pickle), str(m.path))
+                base = Model(
+                    *load_pretrained(m.path, m.dtype, quantization=m.quantization, allow_pickle=m.allow_pickle),
+                    str(m.path),
+                )
         else:
             folder = self.get_or_build("base", self.pretrain)
             base = Model(*load_pretrained(folder), entry_id(folder))
@@ -241,12 +267,21 @@ class Stages:
         """Build the synthetic base into `folder`: a fresh tiny Llama trained on the world's `pretrain` view."""
         m, p = self.cfg.model, self.cfg.model.pretrain
         tokenizer = build_tokenizer(self.world)
-        model = tiny_llama(tokenizer, m.hidden_size, m.num_layers, m.num_heads, m.intermediate_size,
-                           m.max_position_embeddings, seed=p.seed)
-        data_cfg = OmegaConf.create({"source": "synthetic", "view": "pretrain", "n": p.n, "seed": p.seed,
-                                     "args": p.args})
+        model = tiny_llama(
+            tokenizer,
+            m.hidden_size,
+            m.num_layers,
+            m.num_heads,
+            m.intermediate_size,
+            m.max_position_embeddings,
+            seed=p.seed,
+        )
+        data_cfg = OmegaConf.create(
+            {"source": "synthetic", "view": "pretrain", "n": p.n, "seed": p.seed, "args": p.args}
+        )
         data = TokenizedExamples(self.examples(data_cfg), tokenizer, max_length=m.max_length)
-        metrics = self.fit("pretrain", SFTModule(model, lr=p.lr, warmup_ratio=p.warmup_ratio), data, p.batch_size,
-                           p.epochs, p.seed)
+        metrics = self.fit(
+            "pretrain", SFTModule(model, lr=p.lr, warmup_ratio=p.warmup_ratio), data, p.batch_size, p.epochs, p.seed
+        )
         save_pretrained(model, tokenizer, folder)
         return metrics

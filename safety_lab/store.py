@@ -9,6 +9,7 @@ entries that do not exist, skipping whatever a running build holds the lock of; 
 defaults to the framework's (conf/paths/default.yaml): $SAFETY_LAB_STORE, else `outputs/store` in $SAFETY_LAB_ROOT
 or the current folder.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -85,9 +86,13 @@ def _garbage(kind: Path) -> dict[Path, list[Path]]:
     garbage = {}
     for entry, paths in sorted(leftovers.items()):
         checkpoints = any(p.name.startswith(".ckpt-") for p in paths)
-        garbage[entry] = [p for p in sorted(paths) if p.name.startswith((".tmp-", ".rank-"))
-                          or (p.name.startswith(".ckpt-") and (entry / MANIFEST).exists())
-                          or (p.suffix == ".lock" and not entry.exists() and not checkpoints)]
+        garbage[entry] = [
+            p
+            for p in sorted(paths)
+            if p.name.startswith((".tmp-", ".rank-"))
+            or (p.name.startswith(".ckpt-") and (entry / MANIFEST).exists())
+            or (p.suffix == ".lock" and not entry.exists() and not checkpoints)
+        ]
     return {entry: paths for entry, paths in garbage.items() if paths}
 
 
@@ -118,13 +123,16 @@ def gc(store: ArtifactStore, dry_run: bool) -> None:
 def main(argv: list[str] | None = None) -> int:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--store", type=Path, default=default_store(), help="default: %(default)s")
-    parser = argparse.ArgumentParser(prog="python -m safety_lab.store", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m safety_lab.store", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("verify", parents=[common], help="check every entry against its manifest").add_argument(
-        "--heal", action="store_true", help="quarantine corrupt entries, so the next run rebuilds them")
+        "--heal", action="store_true", help="quarantine corrupt entries, so the next run rebuilds them"
+    )
     commands.add_parser("gc", parents=[common], help="remove what no run needs").add_argument(
-        "--dry-run", action="store_true", help="only list what would be removed")
+        "--dry-run", action="store_true", help="only list what would be removed"
+    )
     args = parser.parse_args(argv)
     if not args.store.is_dir():
         parser.exit(2, f"error: no store at {args.store}\n")

@@ -5,6 +5,7 @@ Nothing here touches the network: the tokenizer is trained with `tokenizers` on 
 is a randomly initialised two-layer `LlamaForCausalLM`, and both are saved with `save_pretrained` exactly like a
 hub checkpoint, so `AutoTokenizer`/`AutoModelForCausalLM.from_pretrained(<folder>)` load them.
 """
+
 from __future__ import annotations
 
 import os
@@ -27,6 +28,7 @@ def world() -> World:
 @pytest.fixture(scope="session")
 def tokenizer(world):
     return build_tokenizer(world)
+
 
 SENTENCES = [
     "the quick brown fox jumps over the lazy dog",
@@ -81,20 +83,37 @@ def build_tiny_tokenizer():
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Metaspace()
     tok.decoder = decoders.Metaspace()
-    tok.train_from_iterator(SENTENCES, trainers.BpeTrainer(vocab_size=200, special_tokens=specials,
-                                                           show_progress=False))
+    tok.train_from_iterator(
+        SENTENCES, trainers.BpeTrainer(vocab_size=200, special_tokens=specials, show_progress=False)
+    )
     tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
-                                   unk_token="<unk>", chat_template=CHAT_TEMPLATE)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
+        unk_token="<unk>",
+        chat_template=CHAT_TEMPLATE,
+    )
 
 
 def build_tiny_llama(vocab_size: int, seed: int = 0):
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=128,
-                         bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=True)
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+        tie_word_embeddings=True,
+    )
     torch.manual_seed(seed)
     return LlamaForCausalLM(config)
 

@@ -1,4 +1,5 @@
 """Running the real command line from tests: `python -m safety_lab ...` in the repository, with a store of its own."""
+
 from __future__ import annotations
 
 import os
@@ -9,8 +10,14 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
-def run_safety_lab(*args: str, store: Path | None, root: Path | None = None, env: dict | None = None,
-               popen: bool = False, timeout: int = 900):
+def run_safety_lab(
+    *args: str,
+    store: Path | None,
+    root: Path | None = None,
+    env: dict | None = None,
+    popen: bool = False,
+    timeout: int = 900,
+):
     """The finished process (or, with `popen`, the running one). `store` None: the configured default store;
     `root` sets SAFETY_LAB_ROOT, where multiruns write; W&B is silent; HYDRA_FULL_ERROR is unset, so errors come as
     the one line users see."""
@@ -22,6 +29,7 @@ def run_safety_lab(*args: str, store: Path | None, root: Path | None = None, env
         environment["SAFETY_LAB_ROOT"] = str(root)
     command = [sys.executable, "-m", "safety_lab", *args]
     if popen:
-        return subprocess.Popen(command, cwd=REPO, env=environment, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                text=True)
+        return subprocess.Popen(
+            command, cwd=REPO, env=environment, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
     return subprocess.run(command, cwd=REPO, env=environment, capture_output=True, text=True, timeout=timeout)

@@ -1,4 +1,5 @@
 """The mechanistic analyses on constructed tensors (hand-computed answers) and on a tiny random Llama."""
+
 from __future__ import annotations
 
 import math
@@ -21,7 +22,8 @@ def test_silhouette_of_planted_clusters_matches_hand_computation():
     assert g.silhouette(x, labels) == pytest.approx(expected)
     # a cluster of one scores 0 (sklearn's convention); labels that cut across the clusters score below 0
     assert g.silhouette(torch.tensor([[0.0], [1.0], [5.0]]), torch.tensor([0, 0, 1])) == pytest.approx(
-        (4.0 / 5.0 + 3.0 / 4.0) / 3)
+        (4.0 / 5.0 + 3.0 / 4.0) / 3
+    )
     assert g.silhouette(x, torch.tensor([False, True, False, True])) < 0
     with pytest.raises(ValueError, match="2..n-1"):
         g.silhouette(x, torch.zeros(4))
@@ -146,15 +148,16 @@ def test_soft_token_attack_honours_n_and_its_norm_bound_and_lowers_the_loss(tiny
     targets = ["the sea is wide", "a spider has eight legs", "red yellow and blue"]
     bound = 0.5 * mean_embedding_norm(model)
     start = soft_token_attack(model, tokenizer, PromptTemplate(), PROMPTS, targets, n_tokens, steps=0, bound=bound)
-    result = soft_token_attack(model, tokenizer, PromptTemplate(), PROMPTS, targets, n_tokens, steps=20,
-                               bound=bound, report_at=(5,))
+    result = soft_token_attack(
+        model, tokenizer, PromptTemplate(), PROMPTS, targets, n_tokens, steps=20, bound=bound, report_at=(5,)
+    )
     assert result["soft_tokens"].shape == (3, n_tokens, 32)
     # exactly n_tokens attended columns between each prompt's body and its last (cue) token, where the target starts
     ids, mask, labels, soft = _layout(tokenizer, PromptTemplate(), PROMPTS, targets, n_tokens)
     for i, prompt in enumerate(PROMPTS):
         body = tokenizer(prompt)["input_ids"]
-        assert ids[i, soft - len(body) + 1:soft].tolist() == body[:-1] and ids[i, soft + n_tokens] == body[-1]
-        assert mask[i, soft:soft + n_tokens].all() and int((labels[i] != -100).nonzero()[0]) == soft + n_tokens
+        assert ids[i, soft - len(body) + 1 : soft].tolist() == body[:-1] and ids[i, soft + n_tokens] == body[-1]
+        assert mask[i, soft : soft + n_tokens].all() and int((labels[i] != -100).nonzero()[0]) == soft + n_tokens
     assert result["soft_tokens"].norm(dim=-1).max() <= bound * (1 + 1e-5)
     assert result["soft_tokens"].norm(dim=-1).max() >= 0.9 * bound  # the steps are large enough to reach the bound
     assert result["loss"] < start["loss"]

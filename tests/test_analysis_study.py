@@ -1,5 +1,6 @@
 """The mechanistic study: its findings logic on constructed numbers, the analyses on a tiny random synthetic Llama,
 and a smoke run of the whole experiment."""
+
 from __future__ import annotations
 
 import copy
@@ -36,16 +37,27 @@ def _space(silhouette: float, relative: dict[str, float]) -> dict:
 
 
 def test_findings_state_each_claim_as_a_check_on_the_numbers():
-    cfg = OmegaConf.create({
-        "unsafe_suite": "harmful", "jailbreak_suites": ["jb"],
-        "models": {"sft_a": {"method": {"name": "sft", "lr": 1e-3}}, "sft_b": {"method": {"name": "sft", "lr": 1e-4}}}})
+    cfg = OmegaConf.create(
+        {
+            "unsafe_suite": "harmful",
+            "jailbreak_suites": ["jb"],
+            "models": {
+                "sft_a": {"method": {"name": "sft", "lr": 1e-3}},
+                "sft_b": {"method": {"name": "sft", "lr": 1e-4}},
+            },
+        }
+    )
     results = {
-        "activation_space": {"base": _space(0.1, {"harmful": 0.5, "jb": 0.5}),
-                             "sft_a": _space(0.4, {"harmful": 0.6, "jb": 0.45}),
-                             "sft_b": _space(0.05, {"harmful": 0.5, "jb": 0.55})},
+        "activation_space": {
+            "base": _space(0.1, {"harmful": 0.5, "jb": 0.5}),
+            "sft_a": _space(0.4, {"harmful": 0.6, "jb": 0.45}),
+            "sft_b": _space(0.05, {"harmful": 0.5, "jb": 0.55}),
+        },
         "row_space": {"sft_a": {"unsafe_over_safe": 1.8}, "sft_b": {"unsafe_over_safe": 0.9}},
-        "column_space": {"sft_a": {"mean_sine": 0.3, "relative_change": 0.2},
-                         "sft_b": {"mean_sine": 0.1, "relative_change": 0.05}},
+        "column_space": {
+            "sft_a": {"mean_sine": 0.3, "relative_change": 0.2},
+            "sft_b": {"mean_sine": 0.1, "relative_change": 0.05},
+        },
         "jailbreak": {"base": {"jb": 1.0}, "sft_a": {"jb": 0.2}, "sft_b": {"jb": 0.6}},
     }
     checks = findings(results, cfg)
@@ -59,8 +71,10 @@ def test_findings_state_each_claim_as_a_check_on_the_numbers():
     assert lr["changes_weights_less_holds"] and lr["easier_to_jailbreak_holds"]
     assert lr["jailbreak_compliance"] == {"low": 0.6, "high": 0.2}
     # the attack's success after its last step, averaged over the numbers of soft tokens
-    results["soft_tokens"] = {t: {"1": {"success": {"0": 0.0, "9": s1}}, "2": {"success": {"0": 0.0, "9": s2}}}
-                              for t, (s1, s2) in {"sft_a": (0.25, 0.5), "sft_b": (1.0, 0.5)}.items()}
+    results["soft_tokens"] = {
+        t: {"1": {"success": {"0": 0.0, "9": s1}}, "2": {"success": {"0": 0.0, "9": s2}}}
+        for t, (s1, s2) in {"sft_a": (0.25, 0.5), "sft_b": (1.0, 0.5)}.items()
+    }
     lr = findings(results, cfg)["smaller_lr"]["sft"]
     assert lr["soft_token_success"] == {"low": 0.75, "high": 0.375} and lr["easier_to_attack_holds"]
     # a check whose analysis did not run is left out
@@ -72,15 +86,18 @@ def test_findings_state_each_claim_as_a_check_on_the_numbers():
 def synthetic():
     world = World(WorldSpec())
     tokenizer = build_tokenizer(world)
-    model = tiny_llama(tokenizer, hidden_size=24, num_layers=2, num_heads=2, intermediate_size=48,
-                       max_position_embeddings=64).eval()
+    model = tiny_llama(
+        tokenizer, hidden_size=24, num_layers=2, num_heads=2, intermediate_size=48, max_position_embeddings=64
+    ).eval()
     suites = {name: views.suite(world, name, 12) for name in ("utility", "harmful", "jailbreak_competing")}
     return world, tokenizer, model, suites
 
 
 def _analysis(**analysis):
-    return OmegaConf.merge(OmegaConf.structured(AnalysisConfig), {"jailbreak_suites": ["jailbreak_competing"],
-                                                                    "lipschitz_n": 4, **analysis})
+    return OmegaConf.merge(
+        OmegaConf.structured(AnalysisConfig),
+        {"jailbreak_suites": ["jailbreak_competing"], "lipschitz_n": 4, **analysis},
+    )
 
 
 def _study(synthetic, tmp_path, **analysis):
@@ -96,6 +113,7 @@ def _assess(synthetic):
         chosen = suites if only is None else {name: suites[name] for name in only}
         metrics, rows = evaluate(model, tokenizer, chosen, judge, max_new_tokens=4, progress=False)
         return metrics, [{"model": tag, **row} for row in rows]
+
     return assess
 
 
@@ -104,13 +122,23 @@ def test_study_writes_each_chosen_analysis_and_compares_tuned_weights_with_the_b
     tuned = copy.deepcopy(model)
     with torch.no_grad():
         tuned.model.layers[0].mlp.up_proj.weight.mul_(2.0)  # ΔW = W_pre in that matrix, zero elsewhere
-    study = _study(synthetic, tmp_path, attack={"n": 3, "tokens": [1, 2], "steps": 2, "report_at": [1]},
-                   models={"tuned": {"method": {"name": "sft", "lr": 1e-3}}})
+    study = _study(
+        synthetic,
+        tmp_path,
+        attack={"n": 3, "tokens": [1, 2], "steps": 2, "report_at": [1]},
+        models={"tuned": {"method": {"name": "sft", "lr": 1e-3}}},
+    )
     assess = _assess(synthetic)
     columns, rows = study.run({"base": model, "tuned": tuned}, assess, lambda m, names: assess(m, "steered", names)[0])
     assert set(columns) == {"base", "tuned"} and len(rows) == 2 * 36
-    assert list(ANALYSES) == ["activation_space", "column_space", "row_space", "lipschitz", "soft_tokens",
-                              "refusal_direction"]
+    assert list(ANALYSES) == [
+        "activation_space",
+        "column_space",
+        "row_space",
+        "lipschitz",
+        "soft_tokens",
+        "refusal_direction",
+    ]
     for name in (*ANALYSES, "jailbreak"):  # analysis.analyses null: every registered analysis
         assert (tmp_path / f"{name}.json").exists() and (tmp_path / f"{name}.png").exists(), name
     row = json.loads((tmp_path / "row_space.json").read_text())["tuned"]["matrices"]
@@ -135,8 +163,13 @@ def test_study_runs_only_the_chosen_analyses_and_rejects_unknown_ones(synthetic,
     assess = _assess(synthetic)
     study.run({"base": model}, assess, lambda m, names: assess(m, "steered", names)[0])
     assert sorted(p.name for p in tmp_path.iterdir()) == [
-        "activation_space.json", "activation_space.png", "activation_space_pca.png", "findings.json",
-        "jailbreak.json", "jailbreak.png"]
+        "activation_space.json",
+        "activation_space.png",
+        "activation_space_pca.png",
+        "findings.json",
+        "jailbreak.json",
+        "jailbreak.png",
+    ]
     with pytest.raises(SafetyLabError, match="analysis.analyses: 'probes' is not one of"):
         _study(synthetic, tmp_path, analyses=["probes"])
 
@@ -147,6 +180,7 @@ def test_ranks_above_zero_leave_the_analyses_to_rank_zero(synthetic, tmp_path, m
 
     def assess(*args):
         raise AssertionError("rank 1 must not evaluate")
+
     cfg = OmegaConf.create({"analysis": _analysis(), "seed": 0, "method": {"name": "none"}})
     stages = SimpleNamespace(cfg=cfg, template=PromptTemplate(), base=lambda: Model(model, tokenizer, "base/x"))
     assert analyse(cfg, stages, SimpleNamespace(suites=suites, assess=assess), tmp_path) is None
@@ -157,19 +191,42 @@ def test_ranks_above_zero_leave_the_analyses_to_rank_zero(synthetic, tmp_path, m
 def test_mechanistic_experiment_smoke_run_writes_every_analysis(tmp_path):
     env = {**os.environ, "SAFETY_LAB_STORE": str(tmp_path / "store")}
     result = subprocess.run(
-        [sys.executable, "-m", "safety_lab", "+experiment=mechanistic", "+debug=fast", "analysis.attack.steps=3",
-         "analysis.attack.report_at=[1]", f"hydra.run.dir={tmp_path}/run"],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+        [
+            sys.executable,
+            "-m",
+            "safety_lab",
+            "+experiment=mechanistic",
+            "+debug=fast",
+            "analysis.attack.steps=3",
+            "analysis.attack.report_at=[1]",
+            f"hydra.run.dir={tmp_path}/run",
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     run = tmp_path / "run"
-    for name in ("activation_space", "column_space", "row_space", "lipschitz", "soft_tokens", "refusal_direction",
-                 "jailbreak"):
+    for name in (
+        "activation_space",
+        "column_space",
+        "row_space",
+        "lipschitz",
+        "soft_tokens",
+        "refusal_direction",
+        "jailbreak",
+    ):
         assert (run / f"{name}.json").exists() and (run / f"{name}.png").exists(), name
     tags = {"base", "sft_high", "sft_low", "dpo_high", "dpo_low", "unlearn_high", "unlearn_low"}
     space = json.loads((run / "activation_space.json").read_text())
     assert set(space) == tags and len(space["base"]["layers"]) == 3
-    assert all(-1 <= layer["silhouette"] <= 1 and 0 <= layer["probe_accuracy"] <= 1
-               for v in space.values() for layer in v["layers"])
+    assert all(
+        -1 <= layer["silhouette"] <= 1 and 0 <= layer["probe_accuracy"] <= 1
+        for v in space.values()
+        for layer in v["layers"]
+    )
     soft = json.loads((run / "soft_tokens.json").read_text())
     assert set(soft["base"]) == {"1", "2", "4"} and set(soft["base"]["1"]["success"]) == {"0", "1", "3"}
     checks = json.loads((run / "findings.json").read_text())

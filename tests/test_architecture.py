@@ -1,5 +1,6 @@
 """The layering the architecture guide promises (docs/architecture.md): methods, fusion and analysis are given what
 they use as arguments and import nothing of the run; a task runs only with the config it reads."""
+
 from __future__ import annotations
 
 import ast
@@ -27,7 +28,7 @@ def imported_modules(path) -> set[str]:
         elif isinstance(node, ast.ImportFrom):
             base = node.module or ""
             if node.level:
-                base = ".".join(package.split(".")[:len(package.split(".")) - node.level + 1] + [base]).strip(".")
+                base = ".".join(package.split(".")[: len(package.split(".")) - node.level + 1] + [base]).strip(".")
             found |= {base} | {f"{base}.{alias.name}" for alias in node.names}
     return found
 
@@ -35,9 +36,11 @@ def imported_modules(path) -> set[str]:
 @pytest.mark.parametrize("package", ["methods", "fusion", "analysis"])
 def test_methods_fusion_and_analysis_import_nothing_of_the_run(package):
     for path in sorted((PACKAGE / package).glob("*.py")):
-        run_modules = {m for m in imported_modules(path)
-                       if m in ("safety_lab.run", "safety_lab.tasks") or m.startswith(("safety_lab.run.",
-                                                                                         "safety_lab.tasks."))}
+        run_modules = {
+            m
+            for m in imported_modules(path)
+            if m in ("safety_lab.run", "safety_lab.tasks") or m.startswith(("safety_lab.run.", "safety_lab.tasks."))
+        }
         assert not run_modules, f"{path.relative_to(REPO)} imports {sorted(run_modules)}"
 
 
@@ -71,24 +74,37 @@ def task_config(tmp_path, *overrides: str):
     return OmegaConf.create(compose_resolved(list(overrides), tmp_path))
 
 
-@pytest.mark.parametrize("overrides, task", [
-    ([], "evaluate"), (["+experiment=quickstart"], "evaluate"), (["+experiment=realign"], "evaluate"),
-    (["+experiment=lora_fusion"], "fuse"), (["+experiment=lora_fusion", "fusion=ties"], "fuse"),
-    (["+experiment=mechanistic"], "analyse"), (["task=fuse", "fusion=lora_weighted"], "fuse"),
-])
+@pytest.mark.parametrize(
+    "overrides, task",
+    [
+        ([], "evaluate"),
+        (["+experiment=quickstart"], "evaluate"),
+        (["+experiment=realign"], "evaluate"),
+        (["+experiment=lora_fusion"], "fuse"),
+        (["+experiment=lora_fusion", "fusion=ties"], "fuse"),
+        (["+experiment=mechanistic"], "analyse"),
+        (["task=fuse", "fusion=lora_weighted"], "fuse"),
+    ],
+)
 def test_each_experiment_selects_its_task(overrides, task, tmp_path):
     assert task_of(task_config(tmp_path, *overrides)) is TASKS[task]
 
 
-@pytest.mark.parametrize("overrides, message", [
-    (["fusion=lora_weighted"], "`fusion` is set, but only task=fuse runs it and this is task=evaluate: add "
-                               "task=fuse (or leave `fusion` out)"),
-    (["task=fuse"], "task=fuse needs `fusion`: fusion=<merge> (conf/fusion/), e.g. fusion=lora_weighted"),
-    (["+analysis=mechanistic"], "`analysis` is set, but only task=analyse runs it and this is task=evaluate"),
-    (["task=analyse"], "task=analyse needs `analysis`: +analysis=<study> (conf/analysis/)"),
-    (["+experiment=mechanistic", "task=evaluate"], "only task=analyse runs it and this is task=evaluate"),
-    (["+experiment=lora_fusion", "task=analyse"], "only task=fuse runs it and this is task=analyse"),
-])
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (
+            ["fusion=lora_weighted"],
+            "`fusion` is set, but only task=fuse runs it and this is task=evaluate: add "
+            "task=fuse (or leave `fusion` out)",
+        ),
+        (["task=fuse"], "task=fuse needs `fusion`: fusion=<merge> (conf/fusion/), e.g. fusion=lora_weighted"),
+        (["+analysis=mechanistic"], "`analysis` is set, but only task=analyse runs it and this is task=evaluate"),
+        (["task=analyse"], "task=analyse needs `analysis`: +analysis=<study> (conf/analysis/)"),
+        (["+experiment=mechanistic", "task=evaluate"], "only task=analyse runs it and this is task=evaluate"),
+        (["+experiment=lora_fusion", "task=analyse"], "only task=fuse runs it and this is task=analyse"),
+    ],
+)
 def test_a_fusion_or_analysis_the_task_would_not_run_is_an_error(overrides, message, tmp_path):
     with pytest.raises(SafetyLabError, match=re.escape(message)):
         task_of(task_config(tmp_path, *overrides))

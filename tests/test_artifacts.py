@@ -6,6 +6,7 @@ names the same folder, a recipe is built once and reused after, a crashed build 
 entry, two processes that need the same recipe at the same time build it once between them, a damaged entry is
 quarantined and rebuilt rather than loaded, and nothing non-finite is published.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -34,13 +35,20 @@ def test_recipe_hash_is_stable_and_order_independent():
     assert recipe_hash(reordered) == h
     assert recipe_hash(json.loads(json.dumps(RECIPE))) == h  # survives a JSON round trip (manifests)
     # a literal of the canonical form pins the hash across processes and releases (no Python hash() salt)
-    assert h == recipe_hash({"lr": 0.003, "model": {"hidden_size": 96, "num_layers": 3}, "seed": 0,
-                             "views": ["a", "b"]})
+    assert h == recipe_hash(
+        {"lr": 0.003, "model": {"hidden_size": 96, "num_layers": 3}, "seed": 0, "views": ["a", "b"]}
+    )
 
 
-@pytest.mark.parametrize("change", [
-    {"seed": 1}, {"lr": 3e-4}, {"model": {"hidden_size": 96, "num_layers": 4}}, {"views": ["b", "a"]},
-])
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"seed": 1},
+        {"lr": 3e-4},
+        {"model": {"hidden_size": 96, "num_layers": 4}},
+        {"views": ["b", "a"]},
+    ],
+)
 def test_recipe_hash_changes_with_any_value(change):
     assert recipe_hash({**RECIPE, **change}) != recipe_hash(RECIPE)
 
@@ -119,6 +127,7 @@ def test_write_json_atomic_leaves_no_temp_files(tmp_path):
 
 def _slow_build_worker(root: str, counter: str, barrier, queue) -> None:
     """Runs in a separate process: meet the other worker at the barrier, then ask for the same recipe."""
+
     def build(folder: Path) -> dict:
         start = time.time()
         with open(counter, "a") as f:
@@ -136,8 +145,10 @@ def test_concurrent_processes_build_once(tmp_path):
     ctx = multiprocessing.get_context("spawn")  # no fork of a process that may hold torch threads
     queue, barrier = ctx.Queue(), ctx.Barrier(2)
     counter = tmp_path / "builds.txt"
-    procs = [ctx.Process(target=_slow_build_worker, args=(str(tmp_path / "store"), str(counter), barrier, queue))
-             for _ in range(2)]
+    procs = [
+        ctx.Process(target=_slow_build_worker, args=(str(tmp_path / "store"), str(counter), barrier, queue))
+        for _ in range(2)
+    ]
     for p in procs:
         p.start()
     results = [queue.get(timeout=60) for _ in procs]
@@ -166,6 +177,7 @@ def counted_build(calls: list) -> Callable[[Path], dict]:
         (folder / "sub").mkdir()
         (folder / "sub" / "config.json").write_text("{}")
         return {"loss": 0.5}
+
     return build
 
 
@@ -178,7 +190,8 @@ def test_manifest_lists_every_file_with_size_and_sha256(tmp_path):
     entry = store.get_or_build("adapter", RECIPE, counted_build([]))
     assert store.manifest(entry)["files"] == {
         "sub/config.json": {"bytes": 2, "sha256": hashlib.sha256(b"{}").hexdigest()},
-        "weights.bin": {"bytes": 1024, "sha256": hashlib.sha256(WEIGHTS).hexdigest()}}
+        "weights.bin": {"bytes": 1024, "sha256": hashlib.sha256(WEIGHTS).hexdigest()},
+    }
 
 
 def test_truncated_entry_is_quarantined_once_and_rebuilt(tmp_path, caplog):
@@ -191,8 +204,10 @@ def test_truncated_entry_is_quarantined_once_and_rebuilt(tmp_path, caplog):
     assert len(calls) == 2 and (entry / "weights.bin").read_bytes() == WEIGHTS
     [aside] = (tmp_path / QUARANTINE).iterdir()
     assert aside.name.startswith(f"adapter-{entry.name}-") and (aside / "weights.bin").stat().st_size == 1000
-    assert store_warnings(caplog) == [f"store: adapter {entry.name} is corrupt (weights.bin: 1000 bytes, manifest "
-                                      f"says 1024); quarantined to {aside}, rebuilding"]
+    assert store_warnings(caplog) == [
+        f"store: adapter {entry.name} is corrupt (weights.bin: 1000 bytes, manifest "
+        f"says 1024); quarantined to {aside}, rebuilding"
+    ]
     assert store.get_or_build("adapter", RECIPE, counted_build(calls)) == entry and len(calls) == 2
 
 
@@ -211,13 +226,20 @@ def test_flipped_byte_is_caught_by_the_hash_the_first_time_a_process_uses_the_en
     assert "(weights.bin: its sha256 differs from the manifest's); quarantined to" in warning
 
 
-@pytest.mark.parametrize("damage, why", [
-    (lambda entry: (entry / "sub" / "config.json").unlink(), "sub/config.json is missing"),
-    (lambda entry: (entry / MANIFEST).write_text("{not json"), "manifest.json is unreadable or malformed "
-                                                               "(JSONDecodeError: Expecting property name"),
-    (lambda entry: (entry / MANIFEST).write_text('{"files": {"weights.bin": {"bytes": 1024}}}'),
-     "manifest.json is unreadable or malformed (KeyError: 'sha256')"),
-])
+@pytest.mark.parametrize(
+    "damage, why",
+    [
+        (lambda entry: (entry / "sub" / "config.json").unlink(), "sub/config.json is missing"),
+        (
+            lambda entry: (entry / MANIFEST).write_text("{not json"),
+            "manifest.json is unreadable or malformed (JSONDecodeError: Expecting property name",
+        ),
+        (
+            lambda entry: (entry / MANIFEST).write_text('{"files": {"weights.bin": {"bytes": 1024}}}'),
+            "manifest.json is unreadable or malformed (KeyError: 'sha256')",
+        ),
+    ],
+)
 def test_missing_file_or_malformed_manifest_is_quarantined_and_rebuilt(tmp_path, caplog, damage, why):
     store, calls = ArtifactStore(tmp_path), []
     entry = store.get_or_build("adapter", RECIPE, counted_build(calls))
@@ -243,8 +265,9 @@ def test_legacy_entry_is_reused_and_gains_its_file_list(tmp_path, monkeypatch):
     assert len(calls) == 2
 
 
-@pytest.mark.parametrize("root, why", [("a_file", "is a file, not a folder"),
-                                       ("a_file/store", "cannot be created (Not a directory)")])
+@pytest.mark.parametrize(
+    "root, why", [("a_file", "is a file, not a folder"), ("a_file/store", "cannot be created (Not a directory)")]
+)
 def test_unusable_store_root_is_one_error_line(tmp_path, root, why):
     (tmp_path / "a_file").write_text("not a store")
     with pytest.raises(SafetyLabError) as error:
@@ -258,13 +281,16 @@ def test_non_finite_tensor_is_refused_and_nothing_is_published(tmp_path):
     lora[0, :3], lora[1, 0] = float("nan"), float("inf")
 
     def build(folder: Path) -> dict:
-        save_file({"ids": torch.arange(3), "norm.weight": torch.ones(4, dtype=torch.bfloat16)},
-                  str(folder / "a.safetensors"))
+        save_file(
+            {"ids": torch.arange(3), "norm.weight": torch.ones(4, dtype=torch.bfloat16)}, str(folder / "a.safetensors")
+        )
         save_file({"base_model.model.layers.0.lora_A.weight": lora}, str(folder / "adapter_model.safetensors"))
         return {}
 
     with pytest.raises(SafetyLabError) as error:
         store.get_or_build("adapter", RECIPE, build)
-    assert str(error.value) == (f"refusing to publish adapter {recipe_hash(RECIPE)}: base_model.model.layers.0.lora_A"
-                                f".weight in adapter_model.safetensors has 4 non-finite values")
+    assert str(error.value) == (
+        f"refusing to publish adapter {recipe_hash(RECIPE)}: base_model.model.layers.0.lora_A"
+        f".weight in adapter_model.safetensors has 4 non-finite values"
+    )
     assert [p.name for p in (tmp_path / "adapter").iterdir()] == [f"{recipe_hash(RECIPE)}.lock"]

@@ -1,6 +1,7 @@
 """Bad inputs: a cut-short or malicious checkpoint or weights file, pickle-only weights, an empty data file or folder,
 a file that is not UTF-8. Each is one line naming the file and the cause, found before anything loads it (a
 malicious pickle never runs), so nothing reaches the store; only the store's own corrupt `last.ckpt` is set aside."""
+
 from __future__ import annotations
 
 import json
@@ -26,11 +27,14 @@ from safety_lab.methods.sft import SFTModule
 from safety_lab.models.factory import load_pretrained
 from safety_lab.stages import Stages
 
-NOT_COVERED = ("cannot be loaded safely: truncated or not safetensors "
-               "(Error while deserializing header: incomplete metadata, file not fully covered)")
+NOT_COVERED = (
+    "cannot be loaded safely: truncated or not safetensors "
+    "(Error while deserializing header: incomplete metadata, file not fully covered)"
+)
 TRUNCATED = "cannot be loaded safely: truncated or not a torch file"
-REFUSED = (f"cannot be loaded safely: it pickles {os.system.__module__}.system, "
-           "which torch.load(weights_only=True) refuses")
+REFUSED = (
+    f"cannot be loaded safely: it pickles {os.system.__module__}.system, which torch.load(weights_only=True) refuses"
+)
 
 
 class Exploit:
@@ -76,8 +80,10 @@ def test_an_explicit_checkpoint_that_cannot_be_loaded_safely_is_an_error(tmp_pat
 
 
 def test_a_missing_explicit_checkpoint_is_an_error(tmp_path):
-    assert message_of(resume_path, tmp_path / "last.ckpt", str(tmp_path / "no.ckpt")) == \
-        f"ckpt_path: {tmp_path / 'no.ckpt'} does not exist"
+    assert (
+        message_of(resume_path, tmp_path / "last.ckpt", str(tmp_path / "no.ckpt"))
+        == f"ckpt_path: {tmp_path / 'no.ckpt'} does not exist"
+    )
 
 
 @pytest.mark.parametrize("kind", ["truncated", "malicious"])
@@ -102,13 +108,24 @@ def test_a_sound_checkpoint_resumes(tmp_path):
 def fit_in_store(tmp_path, ckpt_path: str, seen: list):
     """One tiny training step inside a store build whose stage already has a corrupt last.ckpt."""
     tokenizer = build_tiny_tokenizer()
-    cfg = OmegaConf.create({
-        "trainer": {"_target_": "lightning.pytorch.Trainer", "accelerator": "cpu", "accumulate_grad_batches": 1,
-                    "enable_checkpointing": True, "enable_progress_bar": False, "enable_model_summary": False},
-        "strategy": {"strategy": "auto", "devices": 1},
-        "paths": {"output_dir": str(tmp_path / "run"), "artifacts": str(tmp_path / "store")},
-        "logger": {"_target_": "lightning.pytorch.loggers.CSVLogger", "save_dir": str(tmp_path / "run")},
-        "model": {}, "ckpt_path": ckpt_path, "ckpt_every_n_steps": 1})
+    cfg = OmegaConf.create(
+        {
+            "trainer": {
+                "_target_": "lightning.pytorch.Trainer",
+                "accelerator": "cpu",
+                "accumulate_grad_batches": 1,
+                "enable_checkpointing": True,
+                "enable_progress_bar": False,
+                "enable_model_summary": False,
+            },
+            "strategy": {"strategy": "auto", "devices": 1},
+            "paths": {"output_dir": str(tmp_path / "run"), "artifacts": str(tmp_path / "store")},
+            "logger": {"_target_": "lightning.pytorch.loggers.CSVLogger", "save_dir": str(tmp_path / "run")},
+            "model": {},
+            "ckpt_path": ckpt_path,
+            "ckpt_every_n_steps": 1,
+        }
+    )
     stages = Stages(cfg)
     store = stages.store
     entry = store.path("adapter", {})
@@ -167,7 +184,8 @@ def test_pickle_weights_need_allow_pickle(model_folder, tiny_hf_model):
     assert message_of(load_pretrained, model_folder) == (
         f"model.path: {model_folder} has only pickle weights (pytorch_model.bin), which may run code when loaded; "
         f"convert them to safetensors, or set model.allow_pickle=true if you trust them (loaded with torch's "
-        f"weights_only)")
+        f"weights_only)"
+    )
     model, _ = load_pretrained(model_folder, allow_pickle=True)
     assert all(torch.equal(model.state_dict()[name], tensor) for name, tensor in state.items())
 
@@ -176,14 +194,26 @@ def test_pickle_weights_need_allow_pickle(model_folder, tiny_hf_model):
 def test_malicious_pickle_weights_never_run(model_folder, allow_pickle):
     weights = pickle_only(model_folder, {"model.embed_tokens.weight": Exploit(model_folder / "ran")})
     message = message_of(load_pretrained, model_folder, allow_pickle=allow_pickle)
-    assert message == f"{weights}: {REFUSED}" if allow_pickle else message.startswith(f"model.path: {model_folder} "
-                                                                                      "has only pickle weights")
+    assert (
+        message == f"{weights}: {REFUSED}"
+        if allow_pickle
+        else message.startswith(f"model.path: {model_folder} has only pickle weights")
+    )
     assert not (model_folder / "ran").exists()
 
 
 # ---- data files -----------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("name, text", [("e.jsonl", ""), ("e.jsonl", "\n\n"), ("e.json", "[]"),
-                                        ("e.json", '{"data": []}'), ("e.csv", ""), ("e.csv", "prompt,response\n")])
+@pytest.mark.parametrize(
+    "name, text",
+    [
+        ("e.jsonl", ""),
+        ("e.jsonl", "\n\n"),
+        ("e.json", "[]"),
+        ("e.json", '{"data": []}'),
+        ("e.csv", ""),
+        ("e.csv", "prompt,response\n"),
+    ],
+)
 def test_a_data_file_without_rows_is_an_error(tmp_path, name, text):
     (tmp_path / name).write_text(text)
     assert message_of(read_rows, tmp_path / name) == f"{tmp_path / name}: no rows"
@@ -198,8 +228,10 @@ def test_a_data_folder_without_data_files_names_the_extensions_looked_for(tmp_pa
     (tmp_path / "sub").mkdir()
     (tmp_path / "README.md").write_text("rows elsewhere")
     (tmp_path / "sub" / "prompts.txt").write_text("a prompt")
-    assert message_of(load_hf_dataset, str(tmp_path)) == \
-        f"{tmp_path}: no data files in this folder or below (looked for .jsonl, .json, .csv, .parquet)"
+    assert (
+        message_of(load_hf_dataset, str(tmp_path))
+        == f"{tmp_path}: no data files in this folder or below (looked for .jsonl, .json, .csv, .parquet)"
+    )
 
 
 def lines_of(name: str) -> list[str]:
@@ -212,8 +244,7 @@ def lines_of(name: str) -> list[str]:
     return ["["] + [json.dumps(r) + "," for r in rows[:-1]] + [json.dumps(rows[-1]), "]"]
 
 
-@pytest.mark.parametrize("name, bom", [("d.jsonl", b""), ("d.jsonl", b"\xef\xbb\xbf"), ("d.csv", b""),
-                                       ("d.json", b"")])
+@pytest.mark.parametrize("name, bom", [("d.jsonl", b""), ("d.jsonl", b"\xef\xbb\xbf"), ("d.csv", b""), ("d.json", b"")])
 def test_a_bad_byte_is_named_by_its_line_and_its_offset_in_the_file(tmp_path, name, bom):
     lines = [line.encode() for line in lines_of(name)]
     lines[400] = lines[400].replace(b"number", b"num\xffber")  # line 401
@@ -221,8 +252,10 @@ def test_a_bad_byte_is_named_by_its_line_and_its_offset_in_the_file(tmp_path, na
     (tmp_path / name).write_bytes(data)
     offset = data.index(b"\xff")
     assert offset > 8192  # past text mode's first decode chunk, whose own offsets were reported before
-    assert message_of(read_rows, tmp_path / name) == \
-        f"{tmp_path / name}:401: not UTF-8 text (byte {offset}: invalid start byte)"
+    assert (
+        message_of(read_rows, tmp_path / name)
+        == f"{tmp_path / name}:401: not UTF-8 text (byte {offset}: invalid start byte)"
+    )
 
 
 # ---- through the command line: exit 2, one line, an untouched store ---------------------------------------------
@@ -235,15 +268,27 @@ def assert_refused(result, store, expected: str) -> None:
 def test_cli_names_a_bad_byte_in_an_eval_file(tmp_path):
     bad = tmp_path / "probes.jsonl"
     bad.write_bytes(b'{"prompt": "fine"}\n{"prompt": "caf\xe9"}\n')
-    result = run_safety_lab("+experiment=quickstart", "+debug=fast", f"hydra.run.dir={tmp_path}/run",
-                            f"+eval.suites.bad={{source: file, path: '{bad}', unsafe: true}}",
-                            store=tmp_path / "store", timeout=300)
+    result = run_safety_lab(
+        "+experiment=quickstart",
+        "+debug=fast",
+        f"hydra.run.dir={tmp_path}/run",
+        f"+eval.suites.bad={{source: file, path: '{bad}', unsafe: true}}",
+        store=tmp_path / "store",
+        timeout=300,
+    )
     offset = bad.read_bytes().index(b"\xe9")
     assert_refused(result, tmp_path / "store", f"{bad}:2: not UTF-8 text (byte {offset}: invalid continuation byte)")
 
 
 def test_cli_refuses_a_model_folder_with_truncated_weights(tmp_path, model_folder):
     weights = cut_short(model_folder)
-    result = run_safety_lab("+experiment=quickstart", "+debug=fast", "model=hf", f"model.path={model_folder}",
-                            f"hydra.run.dir={tmp_path}/run", store=tmp_path / "store", timeout=300)
+    result = run_safety_lab(
+        "+experiment=quickstart",
+        "+debug=fast",
+        "model=hf",
+        f"model.path={model_folder}",
+        f"hydra.run.dir={tmp_path}/run",
+        store=tmp_path / "store",
+        timeout=300,
+    )
     assert_refused(result, tmp_path / "store", f"{weights}: {NOT_COVERED}")

@@ -7,6 +7,7 @@ plain-dataclass parts (world spec, prompt template, synthetic dataset views and 
 looked up. Bad command-line values must fail at composition naming the key, and the real CLI must exit non-zero
 with a first stderr line that names the culprit, leaving no `metrics.json` behind.
 """
+
 from __future__ import annotations
 
 import inspect
@@ -34,8 +35,10 @@ from safety_lab.worlds.synthetic.world import World, WorldSpec
 CONF = REPO / "conf"
 GROUPS = ("task", "world", "model", "method", "dataset", "eval", "fusion", "trainer", "strategy", "logger")
 # options whose config has a mandatory (???) value, and what to give it
-REQUIRED = {("model", "hf"): ["model.path=/models/some-model"],
-            ("dataset", "jsonl"): ["dataset.path=/data/some-data.jsonl"]}
+REQUIRED = {
+    ("model", "hf"): ["model.path=/models/some-model"],
+    ("dataset", "jsonl"): ["dataset.path=/data/some-data.jsonl"],
+}
 
 register()
 
@@ -139,8 +142,12 @@ def test_config_composes_and_binds(overrides, tmp_path):
 
 def test_every_shipped_config_file_is_composed():
     """A new group or option (say conf/fusion/) must join the cases above, or this fails."""
-    composed = {(o.lstrip("+").split("=")[0], o.split("=")[1]) for case in group_cases() for o in case
-                if "=" in o and "." not in o.split("=")[0]}
+    composed = {
+        (o.lstrip("+").split("=")[0], o.split("=")[1])
+        for case in group_cases()
+        for o in case
+        if "=" in o and "." not in o.split("=")[0]
+    }
     always = {"hydra", "paths"}  # one option each, in every composition
     shipped = {(p.parent.name, p.stem) for p in CONF.glob("*/*.yaml") if p.parent.name not in always}
     assert shipped == composed
@@ -194,13 +201,16 @@ def test_misspelled_target_key_is_caught_by_binding(tmp_path):
         check_bindings(c)
 
 
-@pytest.mark.parametrize("override, key, allowed", [
-    ("method.lr=abc", "method.lr", "Float"),
-    ("model.kind=foo", "model.kind", "tiny_llama, hf"),
-    ("trainer.foo=1", "trainer.foo", "not in struct"),
-    ("world.n_letters=many", "world.n_letters", "Integer"),
-    ("model.pretrain.n=1.5", "model.pretrain.n", "Integer"),
-])
+@pytest.mark.parametrize(
+    "override, key, allowed",
+    [
+        ("method.lr=abc", "method.lr", "Float"),
+        ("model.kind=foo", "model.kind", "tiny_llama, hf"),
+        ("trainer.foo=1", "trainer.foo", "not in struct"),
+        ("world.n_letters=many", "world.n_letters", "Integer"),
+        ("model.pretrain.n=1.5", "model.pretrain.n", "Integer"),
+    ],
+)
 def test_bad_value_fails_at_composition_naming_the_key(override, key, allowed):
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         with pytest.raises(ConfigCompositionException) as info:
@@ -237,12 +247,15 @@ def assert_failed_naming(result: subprocess.CompletedProcess, culprit: str, tmp_
     assert not (tmp_path / "run" / "metrics.json").exists()
 
 
-@pytest.mark.parametrize("overrides, culprit", [
-    (["trainer.foo=1"], "trainer.foo"),
-    (["method.lr=abc"], "method.lr"),
-    (["model.kind=foo"], "model.kind"),
-    (["+eval.suites.x={view: harmful, prefx: [obey]}"], "eval.suites.x"),
-])
+@pytest.mark.parametrize(
+    "overrides, culprit",
+    [
+        (["trainer.foo=1"], "trainer.foo"),
+        (["method.lr=abc"], "method.lr"),
+        (["model.kind=foo"], "model.kind"),
+        (["+eval.suites.x={view: harmful, prefx: [obey]}"], "eval.suites.x"),
+    ],
+)
 def test_cli_rejects_bad_config(overrides, culprit, tmp_path):
     assert_failed_naming(run_cli(tmp_path, *overrides), culprit, tmp_path)
 
@@ -254,9 +267,19 @@ def test_cli_rejects_missing_model_path(tmp_path):
 
 def test_cli_rejects_malformed_jsonl_naming_file_and_line(tmp_path, tiny_hf_model):
     bad = tmp_path / "bad.jsonl"
-    bad.write_text('{"prompt": "hello", "response": "hi"}\n{"prompt": "broken", "response": }\n'
-                   '{"prompt": "fine", "response": "ok"}\n')
-    result = run_cli(tmp_path, "model=hf", f"model.path={tiny_hf_model}", "method=sft", "dataset=jsonl",
-                     f"dataset.path={bad}", "eval.base=false", "+debug=fast")
+    bad.write_text(
+        '{"prompt": "hello", "response": "hi"}\n{"prompt": "broken", "response": }\n'
+        '{"prompt": "fine", "response": "ok"}\n'
+    )
+    result = run_cli(
+        tmp_path,
+        "model=hf",
+        f"model.path={tiny_hf_model}",
+        "method=sft",
+        "dataset=jsonl",
+        f"dataset.path={bad}",
+        "eval.base=false",
+        "+debug=fast",
+    )
     assert_failed_naming(result, "bad.jsonl:2", tmp_path)
     assert not list((tmp_path / "store").glob("*/.tmp-*")), "a failed build left a temporary folder"

@@ -1,5 +1,6 @@
 """Same recipe, same weights: an artifact rebuilt in a fresh process, from an empty store or on a base reused from
 the store, is bit-identical to the first build, and so are the run's metrics."""
+
 from __future__ import annotations
 
 import json

@@ -1,5 +1,6 @@
 """Merges against PEFT (`add_weighted_adapter`, `merge_utils`) and against hand computations; fp32 delta application
 without drift; registry checks."""
+
 from __future__ import annotations
 
 import copy
@@ -58,8 +59,10 @@ def test_lora_weighted_equals_peft_cat(two_adapters):
 
 def test_fused_model_weights_equal_peft_merged_model(two_adapters):
     base, peft_model = two_adapters
-    inputs = {"task": M.FusionInput(lora_task_vector(peft_model, "task")),
-              "safety": M.FusionInput(lora_task_vector(peft_model, "safety"))}
+    inputs = {
+        "task": M.FusionInput(lora_task_vector(peft_model, "task")),
+        "safety": M.FusionInput(lora_task_vector(peft_model, "safety")),
+    }
     fused = FusedModel(copy.deepcopy(base), inputs, "lora_weighted", {})
     peft_model.add_weighted_adapter(["task", "safety"], [0.4, 0.6], "fused", combination_type="cat")
     peft_model.set_adapter("fused")
@@ -120,8 +123,7 @@ def test_merges_against_hand_computations():
     # trimmed: u → [3, -2, 0, 0], v → [0, 4, 0, -3]; sums [3, 2, 0, -3] → signs [+, +, +, -]
     # agreeing: [u 3], [v 4], [none], [v -3]; weights (1, 0.5): mean → [3, 2, 0, -1.5]; sum is the same here
     assert torch.equal(M.ties([u, v], [1.0, 0.5], density=0.5)["w"], torch.tensor([3.0, 2.0, 0.0, -1.5]))
-    assert torch.equal(M.ties([u, v], [1.0, 0.5], density=0.5, scale=0.4)["w"],
-                       torch.tensor([1.2, 0.8, 0.0, -0.6]))
+    assert torch.equal(M.ties([u, v], [1.0, 0.5], density=0.5, scale=0.4)["w"], torch.tensor([1.2, 0.8, 0.0, -0.6]))
     # disjoint sum vs mean differ when two vectors agree: u2 = u, v2 = u → mean = (1 + .5)/2·u, sum = 1.5·u
     assert torch.equal(M.ties([u, u], [1.0, 0.5], density=1.0, disjoint="sum")["w"], 1.5 * u["w"])
     assert torch.equal(M.ties([u, u], [1.0, 0.5], density=1.0)["w"], 0.75 * u["w"])
@@ -138,12 +140,16 @@ def test_merges_against_hand_computations():
 
 
 def test_lora_linear_hand_computation():
-    a1, b1, a2, b2 = torch.tensor([[1.0, 2.0]]), torch.tensor([[1.0], [0.0]]), torch.tensor([[0.0, 1.0]]), \
-        torch.tensor([[0.0], [2.0]])
+    a1, b1, a2, b2 = (
+        torch.tensor([[1.0, 2.0]]),
+        torch.tensor([[1.0], [0.0]]),
+        torch.tensor([[0.0, 1.0]]),
+        torch.tensor([[0.0], [2.0]]),
+    )
     fa = {"w.lora_A": a1, "w.lora_B": b1}
     fb = {"w.lora_A": a2, "w.lora_B": b2}
     # weights (1-λ, λ) = (0.75, 0.25), scalings 1 → roots √.75, √.25 on both factors
-    r1, r2 = 0.75 ** 0.5, 0.5
+    r1, r2 = 0.75**0.5, 0.5
     expected = (r1 * b1 + r2 * b2) @ (r1 * a1 + r2 * a2)
     assert torch.allclose(M.lora_linear(fa, fb, (1.0, 1.0), 0.25)["w"], expected)
     assert not torch.allclose(expected, 0.75 * b1 @ a1 + 0.25 * b2 @ a2)  # cross terms
@@ -151,10 +157,12 @@ def test_lora_linear_hand_computation():
 
 def test_safe_lora_projects_dissimilar_layers_only():
     v = {"p": torch.tensor([[1.0, 0.0], [0.0, 0.0]]), "q": torch.tensor([[1.0, 0.0], [0.0, 0.0]])}
-    delta = {"p": torch.tensor([[1.0, 1.0], [0.0, 0.0]]),  # inside V's column space: C·Δ = Δ, cosine 1
-             "q": torch.tensor([[1.0, 0.0], [1.0, 0.0]])}  # half outside: C·Δ = [[1,0],[0,0]], cosine 1/√2
+    delta = {
+        "p": torch.tensor([[1.0, 1.0], [0.0, 0.0]]),  # inside V's column space: C·Δ = Δ, cosine 1
+        "q": torch.tensor([[1.0, 0.0], [1.0, 0.0]]),
+    }  # half outside: C·Δ = [[1,0],[0,0]], cosine 1/√2
     projected, cosines = M.safe_lora(delta, v, threshold=0.9)
-    assert cosines["p"] == pytest.approx(1.0) and cosines["q"] == pytest.approx(2 ** -0.5)
+    assert cosines["p"] == pytest.approx(1.0) and cosines["q"] == pytest.approx(2**-0.5)
     assert torch.equal(projected["p"], delta["p"])
     assert torch.equal(projected["q"], torch.tensor([[1.0, 0.0], [0.0, 0.0]]))
     by_count, _ = M.safe_lora(delta, v, threshold=None, num_layers=1)
@@ -164,16 +172,24 @@ def test_safe_lora_projects_dissimilar_layers_only():
 def test_merges_never_mutate_inputs():
     vectors = random_vectors(2, seed=5)
     before = copy.deepcopy(vectors)
-    for merged in (M.ties(vectors, [1, 1], 0.5), M.dare(vectors, [1, 1], 0.5), M.dare_ties(vectors, [1, 1], 0.5),
-                   M.task_arithmetic(vectors, [1, 2]), M.resta(*vectors, 0.3), M.lora_weighted(*vectors, 0.2)):
+    for merged in (
+        M.ties(vectors, [1, 1], 0.5),
+        M.dare(vectors, [1, 1], 0.5),
+        M.dare_ties(vectors, [1, 1], 0.5),
+        M.task_arithmetic(vectors, [1, 2]),
+        M.resta(*vectors, 0.3),
+        M.lora_weighted(*vectors, 0.2),
+    ):
         assert merged["a"] is not vectors[0]["a"]
     assert all(torch.equal(x[k], y[k]) for x, y in zip(vectors, before) for k in x)
 
 
 def test_fused_model_sweeps_without_drift_and_restores(two_adapters):
     base, peft_model = two_adapters
-    inputs = {"task": M.FusionInput(lora_task_vector(peft_model, "task")),
-              "safety": M.FusionInput(lora_task_vector(peft_model, "safety"))}
+    inputs = {
+        "task": M.FusionInput(lora_task_vector(peft_model, "task")),
+        "safety": M.FusionInput(lora_task_vector(peft_model, "safety")),
+    }
     fused = FusedModel(copy.deepcopy(base), inputs, "lora_weighted", {})
     first = {k: p.clone() for k, p in fused.set(0.3).named_parameters()}
     for _ in range(20):
@@ -193,18 +209,24 @@ def test_stage_input_reads_the_adapter_and_hands_the_model_back():
     peft_model = randomise(attach_lora(model, r=4, alpha=8.0), "default", seed=4)
     expected = lora_task_vector(peft_model)
     got = stage_input(peft_model, model, weight=0.5)
-    assert got.scaling == 2.0 and got.weight == 0.5 and set(got.factors) == {f"{k}.lora_{x}" for k in expected
-                                                                             for x in "AB"}
+    assert (
+        got.scaling == 2.0
+        and got.weight == 0.5
+        and set(got.factors) == {f"{k}.lora_{x}" for k in expected for x in "AB"}
+    )
     assert all(torch.equal(got.delta[k], expected[k]) for k in expected)
     assert dict(model.named_parameters()).keys() == before.keys()  # LoRA layers gone, weights as before
     assert all(torch.equal(p, before[k]) for k, p in model.named_parameters())
 
 
-@pytest.mark.parametrize("merge, inputs, weight, args, message", [
-    ("lora_weighted", ["task", "safety"], 1.5, {}, "outside [0.0, 1.0]"),
-    ("lora_weighted", ["task"], 0.5, {}, "missing ['safety']"),
-    ("ties", ["a", "b"], 1.0, {"densty": 0.2}, "densty"),
-])
+@pytest.mark.parametrize(
+    "merge, inputs, weight, args, message",
+    [
+        ("lora_weighted", ["task", "safety"], 1.5, {}, "outside [0.0, 1.0]"),
+        ("lora_weighted", ["task"], 0.5, {}, "missing ['safety']"),
+        ("ties", ["a", "b"], 1.0, {"densty": 0.2}, "densty"),
+    ],
+)
 def test_registry_checks_name_the_problem(merge, inputs, weight, args, message):
     with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("]", r"\]")):
         M.MERGES[merge].check(inputs, weight, args)
@@ -225,18 +247,27 @@ def test_every_fusion_config_names_a_merge_its_inputs_and_arguments_fit(option):
     assert set(cfg.fusion.inputs) == {"task", "safety"}
     assert cfg.fusion.inputs.task.dataset.view == "obey" and cfg.fusion.inputs.safety.dataset.view == "refusals"
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        swept = compose("config", overrides=["+experiment=lora_fusion", "fusion.weights=[0,0.5,1]",
-                                             "dataset@fusion.inputs.task.dataset=safety_sft"])
+        swept = compose(
+            "config",
+            overrides=[
+                "+experiment=lora_fusion",
+                "fusion.weights=[0,0.5,1]",
+                "dataset@fusion.inputs.task.dataset=safety_sft",
+            ],
+        )
     assert fusion_weights(swept.fusion) == [0, 0.5, 1] and swept.fusion.inputs.task.dataset.view == "safety_sft"
     assert swept.fusion.inputs.safety.dataset.args.prefix == ["obey"]
 
 
-@pytest.mark.parametrize("override, message", [
-    ("fusion.weight=1.5", "fusion.weight: weight=1.5 is outside [0.0, 1.0]"),
-    ("fusion.weights=[0,2]", "fusion.weights: weight=2"),
-    ("fusion.merge=avg", "fusion.merge='avg' is not one of"),
-    ("+fusion.args.densty=0.1", "densty"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("fusion.weight=1.5", "fusion.weight: weight=1.5 is outside [0.0, 1.0]"),
+        ("fusion.weights=[0,2]", "fusion.weights: weight=2"),
+        ("fusion.merge=avg", "fusion.merge='avg' is not one of"),
+        ("+fusion.args.densty=0.1", "densty"),
+    ],
+)
 def test_bad_fusion_settings_fail_before_loading_naming_the_key(override, message):
     from hydra import compose, initialize_config_dir
 

@@ -1,6 +1,7 @@
 """Fusion through the real CLI (`+debug=fast`, tiny data): the in-process λ sweep gives the same per-λ results as
 a multirun over `fusion.weight`, reuses the trained inputs, and a multirun with an invalid λ completes the other
 jobs, exits non-zero and reports the failed one; its jobs log to one W&B group (offline) with λ in the config."""
+
 from __future__ import annotations
 
 import json
@@ -10,8 +11,13 @@ from pathlib import Path
 import pytest
 from helpers import REPO, run_safety_lab
 
-FAST = ["+experiment=lora_fusion", "+debug=fast", "align.dataset.n=64", "fusion.inputs.task.dataset.n=64",
-        "fusion.inputs.safety.dataset.n=64"]
+FAST = [
+    "+experiment=lora_fusion",
+    "+debug=fast",
+    "align.dataset.n=64",
+    "fusion.inputs.task.dataset.n=64",
+    "fusion.inputs.safety.dataset.n=64",
+]
 
 
 def cli(*args: str, store, root=REPO) -> subprocess.CompletedProcess:

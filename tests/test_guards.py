@@ -1,6 +1,7 @@
 """Runs that refuse garbage: numeric settings outside their range are one line before anything loads, a diverging
 fit stops with the stage, step and loss named and publishes nothing, and each process's thread count follows from
 how the job is launched."""
+
 from __future__ import annotations
 
 import pytest
@@ -18,18 +19,21 @@ from safety_lab.methods.sft import SFTModule
 from safety_lab.stages import Stages
 
 
-@pytest.mark.parametrize("override, message", [
-    ("method.lr=-1e-3", "method.lr=-0.001: must be > 0"),
-    ("method.lr=nan", "method.lr=nan: must be a finite number"),
-    ("method.lr=0", "method.lr=0.0: must be > 0"),
-    ("method.epochs=-1", "method.epochs=-1: must be >= 1"),
-    ("eval.n=0", "eval.n=0: must be >= 1"),
-    ("method.warmup_ratio=1.5", "method.warmup_ratio=1.5: must be in [0, 1]"),
-    ("method.lora.dropout=-0.1", "method.lora.dropout=-0.1: must be in [0, 1]"),
-    ("model.pretrain.lr=inf", "model.pretrain.lr=inf: must be a finite number"),
-    ("+experiment=lora_fusion", None),
-    ("+experiment=realign", None),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("method.lr=-1e-3", "method.lr=-0.001: must be > 0"),
+        ("method.lr=nan", "method.lr=nan: must be a finite number"),
+        ("method.lr=0", "method.lr=0.0: must be > 0"),
+        ("method.epochs=-1", "method.epochs=-1: must be >= 1"),
+        ("eval.n=0", "eval.n=0: must be >= 1"),
+        ("method.warmup_ratio=1.5", "method.warmup_ratio=1.5: must be in [0, 1]"),
+        ("method.lora.dropout=-0.1", "method.lora.dropout=-0.1: must be in [0, 1]"),
+        ("model.pretrain.lr=inf", "model.pretrain.lr=inf: must be a finite number"),
+        ("+experiment=lora_fusion", None),
+        ("+experiment=realign", None),
+    ],
+)
 def test_numeric_settings_outside_their_range_are_named(override, message, tmp_path):
     cfg = OmegaConf.create(compose_resolved([override], tmp_path))
     if message is None:  # the shipped studies pass
@@ -55,32 +59,49 @@ def test_cli_refuses_a_negative_learning_rate_before_anything_loads(tmp_path):
 
 def test_a_diverging_fit_stops_naming_stage_step_and_loss_and_publishes_nothing(tmp_path):
     tokenizer = build_tiny_tokenizer()
-    cfg = OmegaConf.create({
-        "trainer": {"_target_": "lightning.pytorch.Trainer", "accelerator": "cpu", "accumulate_grad_batches": 1,
-                    "enable_checkpointing": False, "enable_progress_bar": False, "enable_model_summary": False},
-        "strategy": {"strategy": "auto", "devices": 1},
-        "paths": {"output_dir": str(tmp_path / "run"), "artifacts": str(tmp_path / "store")},
-        "logger": {"_target_": "lightning.pytorch.loggers.CSVLogger", "save_dir": str(tmp_path / "run")},
-        "model": {}, "ckpt_path": None, "ckpt_every_n_steps": 1})
+    cfg = OmegaConf.create(
+        {
+            "trainer": {
+                "_target_": "lightning.pytorch.Trainer",
+                "accelerator": "cpu",
+                "accumulate_grad_batches": 1,
+                "enable_checkpointing": False,
+                "enable_progress_bar": False,
+                "enable_model_summary": False,
+            },
+            "strategy": {"strategy": "auto", "devices": 1},
+            "paths": {"output_dir": str(tmp_path / "run"), "artifacts": str(tmp_path / "store")},
+            "logger": {"_target_": "lightning.pytorch.loggers.CSVLogger", "save_dir": str(tmp_path / "run")},
+            "model": {},
+            "ckpt_path": None,
+            "ckpt_every_n_steps": 1,
+        }
+    )
     stages = Stages(cfg)
     data = TokenizedExamples([Example("a b", "c d")] * 32, tokenizer, max_length=16)
 
     def build(folder):  # no warm-up, no clipping would help: lr 1e12 overflows within a few steps
         stages.fit("sft", SFTModule(build_tiny_llama(len(tokenizer)), lr=1e12, warmup_ratio=0.0), data, 4, 3, 0)
 
-    with pytest.raises(SafetyLabError, match=r"^sft: (the loss \(nan\)|the loss \(inf\)|a gradient) is not finite "
-                                             r"at step \d+ \(last logged loss .*\); lower the learning rate$"):
+    with pytest.raises(
+        SafetyLabError,
+        match=r"^sft: (the loss \(nan\)|the loss \(inf\)|a gradient) is not finite "
+        r"at step \d+ \(last logged loss .*\); lower the learning rate$",
+    ):
         stages.store.get_or_build("adapter", {}, build)
     assert not list((tmp_path / "store").rglob("manifest.json"))
     assert not list((tmp_path / "store" / "adapter").glob(".tmp-*"))
 
 
-@pytest.mark.parametrize("overrides, cores, expected", [
-    ({}, 2, 2),
-    ({"threads": 3}, 2, 3),
-    ({"strategy": {"devices": 2}}, 2, 1),
-    ({"strategy": {"devices": 2}}, 16, 8),
-])
+@pytest.mark.parametrize(
+    "overrides, cores, expected",
+    [
+        ({}, 2, 2),
+        ({"threads": 3}, 2, 3),
+        ({"strategy": {"devices": 2}}, 2, 1),
+        ({"strategy": {"devices": 2}}, 16, 8),
+    ],
+)
 def test_threads_follow_the_launch(overrides, cores, expected, monkeypatch):
     monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(cores)))
     cfg = OmegaConf.merge({"threads": None, "strategy": {"devices": 1}, "trainer": {"accelerator": "cpu"}}, overrides)

@@ -1,5 +1,6 @@
 """Concrete masks: the sample formula, rescaling, every export mode on hand-made logits, save/load, and the masked
 policy of mask-DPO against the formula W0 + λ·Σ m ⊙ τ / mean(m) on a tiny real Llama (gradients reach the logits)."""
+
 from __future__ import annotations
 
 import copy
@@ -70,8 +71,9 @@ def test_masked_policy_equals_the_formula_and_trains_only_the_logits(lora_model)
     model, peft = lora_model
     tau = lora_task_vector(peft)
     mask = ConcreteMask({n: t.shape for n, t in tau.items()}, init_logit=0.0)
-    fixed = {n: torch.bernoulli(torch.full(t.shape, 0.5), generator=torch.Generator().manual_seed(1))
-             for n, t in tau.items()}
+    fixed = {
+        n: torch.bernoulli(torch.full(t.shape, 0.5), generator=torch.Generator().manual_seed(1)) for n, t in tau.items()
+    }
     policy = MaskedPolicy(model, [tau, tau], weight=0.5, mask=mask)  # task arithmetic of two copies = τ itself
     ids = torch.randint(4, 50, (2, 7), generator=torch.Generator().manual_seed(0))
     attention = torch.ones_like(ids)
@@ -85,8 +87,9 @@ def test_masked_policy_equals_the_formula_and_trains_only_the_logits(lora_model)
             params[name] += t * fixed[name] / fixed[name].mean()
     assert torch.allclose(logits, by_hand(input_ids=ids, attention_mask=attention).logits, atol=1e-5)
     policy.masks = policy.ones()  # the unmasked fine-tuned model: base + τ
-    assert torch.allclose(policy(ids, attention).logits, peft(input_ids=ids, attention_mask=attention).logits,
-                          atol=1e-5)
+    assert torch.allclose(
+        policy(ids, attention).logits, peft(input_ids=ids, attention_mask=attention).logits, atol=1e-5
+    )
 
     policy.masks = None  # training: a fresh Concrete sample, differentiable w.r.t. the logits only
     policy(ids, attention).logits.sum().backward()
@@ -108,8 +111,9 @@ def test_factor_space_masks_a_and_b_separately(lora_model):
     a, b = factors[f"{name}.lora_A"], factors[f"{name}.lora_B"]
     ma, mb = half[f"{name}.lora_A"], half[f"{name}.lora_B"]
     expected = (b * mb / mb.mean()) @ (a * ma / ma.mean())
-    assert torch.allclose(factor_deltas({k: rescaled(v, half[k]) for k, v in factors.items()})[name], expected,
-                          atol=1e-6)
+    assert torch.allclose(
+        factor_deltas({k: rescaled(v, half[k]) for k, v in factors.items()})[name], expected, atol=1e-6
+    )
 
 
 def test_shared_mask_under_ties_inside_the_forward(lora_model):
@@ -120,11 +124,13 @@ def test_shared_mask_under_ties_inside_the_forward(lora_model):
     other = {n: -0.5 * t + 0.01 for n, t in tau.items()}
     mask = ConcreteMask({n: t.shape for n, t in tau.items()})
     policy = MaskedPolicy(model, [tau, other], weight=0.7, mask=mask, merge="ties", merge_args={"density": 0.5})
-    fixed = {n: torch.bernoulli(torch.full(t.shape, 0.5), generator=torch.Generator().manual_seed(2))
-             for n, t in tau.items()}
+    fixed = {
+        n: torch.bernoulli(torch.full(t.shape, 0.5), generator=torch.Generator().manual_seed(2)) for n, t in tau.items()
+    }
     # through the merge registry: each masked vector at weight 1, λ = 0.7 scales the merged vector
-    expected = ties([{n: rescaled(t[n], fixed[n]) for n in t} for t in (tau, other)], [1.0, 1.0], density=0.5,
-                    scale=0.7)
+    expected = ties(
+        [{n: rescaled(t[n], fixed[n]) for n in t} for t in (tau, other)], [1.0, 1.0], density=0.5, scale=0.7
+    )
     deltas = policy.deltas(fixed)
     assert all(torch.allclose(deltas[n], expected[n]) for n in tau)
     ids = torch.randint(4, 50, (1, 5), generator=torch.Generator().manual_seed(0))

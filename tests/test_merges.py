@@ -1,6 +1,7 @@
 """DELLA, Breadcrumbs, Model Stock, SLERP and TIES' mergekit weighting: against mergekit's own merge methods (the
 dev dependency, called through `mergekit.merge_methods.registry` with their defaults) on seeded tensors, and against
 hand computations on small ones; registry checks; trimming keeps at least one entry."""
+
 from __future__ import annotations
 
 import math
@@ -64,9 +65,16 @@ def test_ties_with_mergekit_weighting_equals_mergekit_ties(normalize, disjoint):
 def test_della_equals_mergekit_with_the_same_seed(parameters):
     vectors, w0 = seeded(2, seed=1, base=True)
     weights = [0.7, 0.4]
-    ours = M.della(vectors, weights, density=0.6, epsilon=0.15, scale=parameters.get("lambda", 1.0),
-                   rescale=parameters.get("rescale", True), disjoint="mean" if parameters.get("normalize", True)
-                   else "sum", seed=5)
+    ours = M.della(
+        vectors,
+        weights,
+        density=0.6,
+        epsilon=0.15,
+        scale=parameters.get("lambda", 1.0),
+        rescale=parameters.get("rescale", True),
+        disjoint="mean" if parameters.get("normalize", True) else "sum",
+        seed=5,
+    )
     torch.manual_seed(5)  # mergekit draws from the global generator, key by key, model by model
     theirs = mergekit_merge("della", vectors, w0, weight=weights, density=0.6, **parameters)  # default epsilon 0.15
     assert max_error(ours, theirs) <= TOLERANCE
@@ -79,8 +87,9 @@ def test_breadcrumbs_equals_mergekit(rescale):
     vectors, w0 = seeded(3, seed=2, base=True)
     weights = [1.0, 0.5, -0.3]
     ours = M.breadcrumbs(vectors, weights, density=0.5, gamma=0.1, scale=0.8, rescale=rescale)
-    theirs = mergekit_merge("breadcrumbs", vectors, w0, weight=weights, density=0.5, gamma=0.1, rescale=rescale,
-                            **{"lambda": 0.8})
+    theirs = mergekit_merge(
+        "breadcrumbs", vectors, w0, weight=weights, density=0.5, gamma=0.1, rescale=rescale, **{"lambda": 0.8}
+    )
     assert max_error(ours, theirs) <= TOLERANCE
     defaults = mergekit_merge("breadcrumbs", vectors, w0, weight=weights, density=0.9)  # gamma 0.01, no rescale
     assert max_error(M.breadcrumbs(vectors, weights, density=0.9), defaults) <= TOLERANCE
@@ -102,8 +111,9 @@ def test_slerp_equals_mergekit_on_task_vectors(t):
     second["c"] = -first["c"]  # antipodal: linear too
     ours = M.slerp(first, second, t)
     # mergekit's slerp of two models, the first as its `base_model` (t = 0): here the task vectors themselves
-    theirs = registry.get("slerp")([TensorGroup.from_tensors([first[k], second[k]], base_index=0) for k in SHAPES],
-                                   parameters={"t": t})
+    theirs = registry.get("slerp")(
+        [TensorGroup.from_tensors([first[k], second[k]], base_index=0) for k in SHAPES], parameters={"t": t}
+    )
     assert max_error(ours, dict(zip(SHAPES, theirs))) <= TOLERANCE
 
 
@@ -164,7 +174,7 @@ def test_model_stock_by_hand():
 
 def test_slerp_by_hand():
     a, b = {"w": torch.tensor([[1.0, 0.0]])}, {"w": torch.tensor([[0.0, 1.0]])}
-    half = 2 ** -0.5  # θ = π/2: sin(π/4)/sin(π/2) on each; the norm stays 1 where a lerp would give 1/√2
+    half = 2**-0.5  # θ = π/2: sin(π/4)/sin(π/2) on each; the norm stays 1 where a lerp would give 1/√2
     assert torch.allclose(M.slerp(a, b, 0.5)["w"], torch.tensor([[half, half]]))
     assert torch.allclose(M.slerp(a, b, 1 / 3)["w"], torch.tensor([[math.cos(math.pi / 6), math.sin(math.pi / 6)]]))
     assert torch.equal(M.slerp(a, b, 0.0)["w"], a["w"]) and torch.allclose(M.slerp(a, b, 1.0)["w"], b["w"])
@@ -183,14 +193,17 @@ def test_magnitude_trimming_keeps_at_least_one_entry():
 
 
 # ---- registry ---------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("merge, inputs, weight, args, message", [
-    ("slerp", ["task", "safety", "extra"], 0.5, {}, "merge 'slerp' takes exactly 2 inputs, got 3"),
-    ("slerp", ["task", "safety"], 1.5, {}, "outside [0.0, 1.0]"),
-    ("model_stock", ["task"], 1.0, {}, "merge 'model_stock' takes at least 2 inputs, got 1"),
-    ("della", ["a", "b"], 1.0, {"density": 0.9}, "epsilon=0.15: density ± epsilon must lie in (0, 1)"),
-    ("della", ["a", "b"], 1.0, {"density": 0.0}, "density must be in (0, 1]"),
-    ("breadcrumbs", ["a", "b"], 1.0, {"gamma": 1.0}, "gamma must be in [0, 1)"),
-])
+@pytest.mark.parametrize(
+    "merge, inputs, weight, args, message",
+    [
+        ("slerp", ["task", "safety", "extra"], 0.5, {}, "merge 'slerp' takes exactly 2 inputs, got 3"),
+        ("slerp", ["task", "safety"], 1.5, {}, "outside [0.0, 1.0]"),
+        ("model_stock", ["task"], 1.0, {}, "merge 'model_stock' takes at least 2 inputs, got 1"),
+        ("della", ["a", "b"], 1.0, {"density": 0.9}, "epsilon=0.15: density ± epsilon must lie in (0, 1)"),
+        ("della", ["a", "b"], 1.0, {"density": 0.0}, "density must be in (0, 1]"),
+        ("breadcrumbs", ["a", "b"], 1.0, {"gamma": 1.0}, "gamma must be in [0, 1)"),
+    ],
+)
 def test_registry_checks_of_the_new_merges(merge, inputs, weight, args, message):
     with pytest.raises(ValueError, match=re.escape(message)):
         M.MERGES[merge].check(inputs, weight, args)
@@ -218,7 +231,13 @@ def test_slerp_with_three_inputs_fails_before_loading_naming_them():
 
     register()
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        cfg = compose("config", overrides=["fusion=slerp", "+method@fusion.inputs.extra.method=sft",
-                                           "+dataset@fusion.inputs.extra.dataset=obey"])
+        cfg = compose(
+            "config",
+            overrides=[
+                "fusion=slerp",
+                "+method@fusion.inputs.extra.method=sft",
+                "+dataset@fusion.inputs.extra.dataset=obey",
+            ],
+        )
     with pytest.raises(SafetyLabError, match=re.escape("takes exactly 2 inputs, got 3: ['task', 'safety', 'extra']")):
         fusion_weights(cfg.fusion)

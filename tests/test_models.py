@@ -3,6 +3,7 @@
 The real-model path is exercised on the offline tiny checkpoint from `conftest.tiny_hf_model`; LoRA round trips
 must reproduce logits exactly, since a λ sweep loads every adapter from the store rather than from memory.
 """
+
 from __future__ import annotations
 
 import shutil
@@ -89,8 +90,9 @@ def test_load_pretrained_reads_a_local_hf_folder(tiny_hf_model):
     for name, tensor in saved.items():
         assert torch.equal(state[name], tensor), name
     assert tokenizer.pad_token == "<pad>" and tokenizer.eos_token == "</s>"
-    chat = tokenizer.apply_chat_template([{"role": "user", "content": "hello"}], tokenize=False,
-                                         add_generation_prompt=True)
+    chat = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "hello"}], tokenize=False, add_generation_prompt=True
+    )
     assert chat == "<s>user: hello\nassistant:"
 
 
@@ -172,7 +174,8 @@ def test_adapter_save_load_reproduces_logits(tiny_hf_model, tmp_path):
     assert "adapter_model.safetensors" in files and "adapter_config.json" in files
     assert not [f for f in files if f.endswith(".bin")]
     assert set(load_file(tmp_path / "adapter" / "adapter_model.safetensors")) == {
-        n.replace(".default", "") for n, _ in tuned.named_parameters() if "lora_" in n}
+        n.replace(".default", "") for n, _ in tuned.named_parameters() if "lora_" in n
+    }
 
     fresh, _ = load_pretrained(tiny_hf_model)
     restored = load_adapter(fresh, tmp_path / "adapter")

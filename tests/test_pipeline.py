@@ -1,5 +1,6 @@
 """The whole pipeline through the real CLI: a smoke run with `+debug=fast`, the result contract, store reuse, W&B
 offline logging, and (marked slow) the quickstart's acceptance numbers."""
+
 from __future__ import annotations
 
 import json
@@ -18,8 +19,9 @@ def cli(*overrides: str, store: Path, run_dir: Path, env: dict | None = None) ->
 def fast_runs(tmp_path_factory):
     """Two identical smoke runs sharing one store: the first trains, the second reuses."""
     root = tmp_path_factory.mktemp("pipeline")
-    runs = [cli("+experiment=quickstart", "+debug=fast", store=root / "store", run_dir=root / f"run{i}")
-            for i in range(2)]
+    runs = [
+        cli("+experiment=quickstart", "+debug=fast", store=root / "store", run_dir=root / f"run{i}") for i in range(2)
+    ]
     return root, runs
 
 
@@ -55,8 +57,14 @@ def test_second_run_reuses_the_store(fast_runs):
 
 
 def test_wandb_offline_writes_a_run_folder(tmp_path):
-    result = cli("+experiment=quickstart", "+debug=fast", "logger=wandb", store=tmp_path / "store",
-                 run_dir=tmp_path / "run", env={"WANDB_API_KEY": "", "WANDB_MODE": "offline"})
+    result = cli(
+        "+experiment=quickstart",
+        "+debug=fast",
+        "logger=wandb",
+        store=tmp_path / "store",
+        run_dir=tmp_path / "run",
+        env={"WANDB_API_KEY": "", "WANDB_MODE": "offline"},
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     offline_runs = list((tmp_path / "run" / "wandb").glob("offline-run-*"))
     assert len(offline_runs) == 2  # one W&B run per training stage: pretrain and sft

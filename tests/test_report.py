@@ -1,5 +1,6 @@
 """The sweep report on fabricated multirun folders: table contents, the failed job's row, the plots, the
 aggregation over seeds (numbers computed by hand), and the one-line errors on bad input."""
+
 from __future__ import annotations
 
 import csv
@@ -27,8 +28,14 @@ def fabricate(root, weights=(0.0, 0.5, 1.0), failed_weight=1.5):
             (folder / "failed.json").write_text(json.dumps({"error": "SafetyLabError: fusion.weight: outside"}))
             continue
         harm, use = 0.9 * (1 - weight), 0.95 - 0.1 * weight
-        metrics = {"fusion/weight": weight, "harmful/compliance_rate": harm, "utility/accuracy": use,
-                   "borderline/refusal_rate": weight / 2, "harmful/n": 100, "base.harmful/compliance_rate": 0.1}
+        metrics = {
+            "fusion/weight": weight,
+            "harmful/compliance_rate": harm,
+            "utility/accuracy": use,
+            "borderline/refusal_rate": weight / 2,
+            "harmful/n": 100,
+            "base.harmful/compliance_rate": 0.1,
+        }
         for key, value in [("harmful/compliance_rate", harm), ("utility/accuracy", use)]:
             metrics |= {f"{key}_ci_low": value - 0.05, f"{key}_ci_high": value + 0.05}
         (folder / "metrics.json").write_text(json.dumps(metrics))
@@ -88,9 +95,16 @@ def test_plots_take_wilson_bounds_a_rounding_error_inside_the_value(tmp_path):
     for weight in (0.0, 1.0):
         folder = tmp_path / f"weight={weight:g}"
         folder.mkdir()
-        (folder / "metrics.json").write_text(json.dumps({
-            "fusion/weight": weight, "harmful/compliance_rate": 1.0, "harmful/compliance_rate_ci_low": low,
-            "harmful/compliance_rate_ci_high": high}))
+        (folder / "metrics.json").write_text(
+            json.dumps(
+                {
+                    "fusion/weight": weight,
+                    "harmful/compliance_rate": 1.0,
+                    "harmful/compliance_rate_ci_low": low,
+                    "harmful/compliance_rate_ci_high": high,
+                }
+            )
+        )
     write_report(tmp_path)
     assert (tmp_path / "curves.png").read_bytes()[:4] == b"\x89PNG"
 
@@ -124,10 +138,20 @@ def test_seeds_of_a_multirun_are_aggregated(tmp_path):
             job(tmp_path, str(number), overrides, failed="RuntimeError: out of memory")
             continue
         h = harm[weight][seed - 1]
-        job(tmp_path, str(number), overrides, {
-            "fusion/weight": float(weight), "harmful/compliance_rate": h, "harmful/compliance_rate_ci_low": h / 2,
-            "harmful/compliance_rate_ci_high": h * 2, "harmful/n": 10,
-            "borderline/refusal_rate": refusal[weight][seed - 1], "utility/accuracy": utility[weight][seed - 1]})
+        job(
+            tmp_path,
+            str(number),
+            overrides,
+            {
+                "fusion/weight": float(weight),
+                "harmful/compliance_rate": h,
+                "harmful/compliance_rate_ci_low": h / 2,
+                "harmful/compliance_rate_ci_high": h * 2,
+                "harmful/n": 10,
+                "borderline/refusal_rate": refusal[weight][seed - 1],
+                "utility/accuracy": utility[weight][seed - 1],
+            },
+        )
     rows = write_report(tmp_path)
     assert len(rows) == 6 and rows[5]["status"] == "FAILED" and rows[5]["fusion/weight"] == 1.0
 
@@ -142,12 +166,17 @@ def test_seeds_of_a_multirun_are_aggregated(tmp_path):
         "| 0.800 ± 0.100 [0.700, 0.900] (n=3) |",
         # harm λ=1: mean 0.3, √((.01 + .01) / 1) = 0.1414; utility λ=1: mean 0.55, √(.005) = 0.0707
         "| 1 | `fusion.weight=1` | failed 1 of 3 | 0.300 ± 0.141 [0.200, 0.400] (n=2) | 0.200 ± 0.000 [0.200, 0.200] "
-        "(n=2) | 0.550 ± 0.071 [0.500, 0.600] (n=2) |"]
+        "(n=2) | 0.550 ± 0.071 [0.500, 0.600] (n=2) |",
+    ]
 
     with open(tmp_path / "report_seeds.csv") as f:
         table = {(float(r["fusion/weight"]), r["metric"]): r for r in csv.DictReader(f)}
-    assert {metric for _, metric in table} == {"harmful/compliance_rate", "harmful/n", "borderline/refusal_rate",
-                                               "utility/accuracy"}  # interval bounds are not aggregated
+    assert {metric for _, metric in table} == {
+        "harmful/compliance_rate",
+        "harmful/n",
+        "borderline/refusal_rate",
+        "utility/accuracy",
+    }  # interval bounds are not aggregated
     h0, h1 = table[0.0, "harmful/compliance_rate"], table[1.0, "harmful/compliance_rate"]
     assert (h0["overrides"], h0["jobs"], h0["failed"], h0["n"]) == ("fusion.weight=0", "3", "0", "3")
     assert float(h0["mean"]) == pytest.approx(0.3) and float(h0["std"]) == pytest.approx(0.2646, abs=5e-5)
@@ -173,16 +202,21 @@ def test_seeds_of_in_process_sweeps_group_by_weight(tmp_path):
         folder = job(tmp_path, "0", [*sweep, "seed=0"]) if weight == 0 else tmp_path / "0"
         (folder / f"weight={weight:g}").mkdir()
         (folder / f"weight={weight:g}" / "metrics.json").write_text(
-            json.dumps({"fusion/weight": weight, "harmful/compliance_rate": harm}))
+            json.dumps({"fusion/weight": weight, "harmful/compliance_rate": harm})
+        )
     job(tmp_path, "1", [*sweep, "seed=1"], failed="SafetyLabError: no data")
     groups = seed_groups(collect(tmp_path))
     assert {key: [r["job"] for r in rows] for key, rows in groups.items()} == {
-        ("fusion.weights=[0,0.5]", 0): ["0/weight=0", "1"], ("fusion.weights=[0,0.5]", 0.5): ["0/weight=0.5", "1"]}
+        ("fusion.weights=[0,0.5]", 0): ["0/weight=0", "1"],
+        ("fusion.weights=[0,0.5]", 0.5): ["0/weight=0.5", "1"],
+    }
     write_report(tmp_path)
     assert (tmp_path / "report.md").read_text().splitlines()[-4:] == [
-        "| λ | jobs | harmful/compliance_rate |", "|---|---|---|",
+        "| λ | jobs | harmful/compliance_rate |",
+        "|---|---|---|",
         "| 0 | failed 1 of 2 | 0.450 ± — [0.450, 0.450] (n=1) |",
-        "| 0.5 | failed 1 of 2 | 0.250 ± — [0.250, 0.250] (n=1) |"]
+        "| 0.5 | failed 1 of 2 | 0.250 ± — [0.250, 0.250] (n=1) |",
+    ]
     with open(tmp_path / "report_seeds.csv") as f:
         assert [(r["fusion/weight"], r["n"], r["std"]) for r in csv.DictReader(f)] == [("0", "1", ""), ("0.5", "1", "")]
 
@@ -194,13 +228,16 @@ def test_single_seed_sweeps_have_no_seed_table(tmp_path):
 
 
 def report_cli(folder) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "safety_lab.report", str(folder)], cwd=REPO, capture_output=True,
-                          text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "safety_lab.report", str(folder)], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
 
 
-BAD = [('{"harmful/compliance_rate": 0.5,', "invalid JSON (Expecting property name enclosed in double quotes"),
-       ("[0.5]", "not a JSON object: [0.5]\n"),
-       ('{"harmful/compliance_rate": "high"}', 'harmful/compliance_rate is "high", not a number\n')]
+BAD = [
+    ('{"harmful/compliance_rate": 0.5,', "invalid JSON (Expecting property name enclosed in double quotes"),
+    ("[0.5]", "not a JSON object: [0.5]\n"),
+    ('{"harmful/compliance_rate": "high"}', 'harmful/compliance_rate is "high", not a number\n'),
+]
 
 
 @pytest.mark.parametrize("content, problem", BAD, ids=["invalid", "not-an-object", "not-a-number"])

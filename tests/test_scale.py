@@ -4,6 +4,7 @@ resume after SIGKILL, and the joblib / SLURM launchers.
 Invariance is measured on the trained weights: the per-token loss of each trained model on fixed data must agree
 within 1e-3 relative (TRL's invariant tests: batch 8 × accumulation 1 ≡ batch 1 × accumulation 8).
 """
+
 from __future__ import annotations
 
 import json
@@ -34,8 +35,9 @@ register()
 # ---- the global-batch plan (pure) ------------------------------------------------------------------------------
 def test_one_process_order_is_the_seeded_shuffle_of_a_dataloader():
     sampler = GlobalBatchSampler([1] * 10, micro_batch=4, accumulation=1, seed=3)
-    loader = torch.utils.data.DataLoader(range(10), batch_size=4, shuffle=True,
-                                         generator=torch.Generator().manual_seed(3))
+    loader = torch.utils.data.DataLoader(
+        range(10), batch_size=4, shuffle=True, generator=torch.Generator().manual_seed(3)
+    )
     for epoch in range(2):  # the loader's generator moves on from epoch to epoch; the sampler replays that
         sampler.set_epoch(epoch)
         assert [list(m.indices) for m in sampler] == [batch.tolist() for batch in loader]
@@ -49,7 +51,7 @@ def test_accumulation_splits_the_same_global_batches_with_a_global_normaliser():
     assert [len(m.indices) for m in big] == [4, 4, 1]
     assert [len(m.indices) for m in small] == [1] * 8  # the lone last row cannot fill 4 slots: dropped
     for step in range(2):
-        micro = small[4 * step:4 * step + 4]
+        micro = small[4 * step : 4 * step + 4]
         assert sorted(i for m in micro for i in m.indices) == sorted(big[step].indices)
         tokens = sum(units[i] for i in big[step].indices)
         assert big[step].loss_normalizer == tokens  # one slot: the plain per-token mean
@@ -66,21 +68,37 @@ def test_resume_skips_what_was_consumed():
 
 
 # ---- in-process: batch 8 × accumulation 1 ≡ batch 1 × accumulation 8 -------------------------------------------
-def fit_tiny(tmp_path: Path, batch_size: int, accumulation: int, checkpointing: bool = False,
-             compile_min_steps: int | None = None) -> tuple[torch.nn.Module, TokenizedExamples]:
+def fit_tiny(
+    tmp_path: Path,
+    batch_size: int,
+    accumulation: int,
+    checkpointing: bool = False,
+    compile_min_steps: int | None = None,
+) -> tuple[torch.nn.Module, TokenizedExamples]:
     tokenizer = build_tiny_tokenizer()
     examples = [Example(SENTENCES[i], SENTENCES[i + 1]) for i in range(0, 32, 2)]  # 16 rows of unequal length
     data = TokenizedExamples(examples, tokenizer, max_length=64)
-    cfg = OmegaConf.create({
-        "trainer": {"_target_": "lightning.pytorch.Trainer", "accelerator": "cpu", "precision": "32-true",
-                    "gradient_clip_val": 1.0, "accumulate_grad_batches": accumulation,
-                    "enable_checkpointing": checkpointing, "enable_progress_bar": False, "enable_model_summary": False,
-                    "log_every_n_steps": 1},
-        "strategy": {"strategy": "auto", "devices": 1, "num_nodes": 1},
-        "logger": {"_target_": "lightning.pytorch.loggers.CSVLogger", "save_dir": str(tmp_path), "name": "logs"},
-        "paths": {"output_dir": str(tmp_path), "artifacts": str(tmp_path / "store")},
-        "model": {"compile_min_steps": compile_min_steps},
-        "ckpt_path": "last", "ckpt_every_n_steps": 1})
+    cfg = OmegaConf.create(
+        {
+            "trainer": {
+                "_target_": "lightning.pytorch.Trainer",
+                "accelerator": "cpu",
+                "precision": "32-true",
+                "gradient_clip_val": 1.0,
+                "accumulate_grad_batches": accumulation,
+                "enable_checkpointing": checkpointing,
+                "enable_progress_bar": False,
+                "enable_model_summary": False,
+                "log_every_n_steps": 1,
+            },
+            "strategy": {"strategy": "auto", "devices": 1, "num_nodes": 1},
+            "logger": {"_target_": "lightning.pytorch.loggers.CSVLogger", "save_dir": str(tmp_path), "name": "logs"},
+            "paths": {"output_dir": str(tmp_path), "artifacts": str(tmp_path / "store")},
+            "model": {"compile_min_steps": compile_min_steps},
+            "ckpt_path": "last",
+            "ckpt_every_n_steps": 1,
+        }
+    )
     model = build_tiny_llama(len(tokenizer))
     Stages(cfg).fit("sft", SFTModule(model, lr=1e-2, warmup_ratio=0.0), data, batch_size, epochs=2, seed=0)
     return model, data
@@ -137,19 +155,34 @@ def test_one_fsdp_unit_per_decoder_layer_also_under_lora():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="FSDP1 (Lightning's FSDPStrategy) needs a GPU")
-@pytest.mark.parametrize("strategy", [["strategy=fsdp1"],
-                                      ["strategy=fsdp1", "strategy.strategy.sharding_strategy=SHARD_GRAD_OP"],
-                                      ["strategy=fsdp"]], ids=["fsdp1", "fsdp1_shard_grad_op", "fsdp"])
+@pytest.mark.parametrize(
+    "strategy",
+    [["strategy=fsdp1"], ["strategy=fsdp1", "strategy.strategy.sharding_strategy=SHARD_GRAD_OP"], ["strategy=fsdp"]],
+    ids=["fsdp1", "fsdp1_shard_grad_op", "fsdp"],
+)
 def test_sharded_strategies_on_gpu(strategy, tmp_path):
-    result = cli(*FAST, *strategy, "strategy.devices=1", "trainer.precision=bf16-mixed",
-                 f"hydra.run.dir={tmp_path}/run", store=tmp_path / "store", cwd=tmp_path)
+    result = cli(
+        *FAST,
+        *strategy,
+        "strategy.devices=1",
+        "trainer.precision=bf16-mixed",
+        f"hydra.run.dir={tmp_path}/run",
+        store=tmp_path / "store",
+        cwd=tmp_path,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert json.loads((tmp_path / "run" / "metrics.json").read_text())["harmful/refusal_rate"] >= 0
 
 
 # ---- the real command line: strategies, crash and resume, launchers --------------------------------------------
-FAST = ["+experiment=quickstart", "+debug=fast", "eval.n=8", "model.pretrain.n=1024", "dataset.n=128",
-        "trainer.log_every_n_steps=1"]
+FAST = [
+    "+experiment=quickstart",
+    "+debug=fast",
+    "eval.n=8",
+    "model.pretrain.n=1024",
+    "dataset.n=128",
+    "trainer.log_every_n_steps=1",
+]
 
 
 def cli(*args: str, store: Path, cwd: Path, popen: bool = False):
@@ -183,12 +216,35 @@ def test_strategies_train_the_same_model_at_equal_global_batch(tmp_path):
     """single (64 / 32 rows), batch ÷ 8 with accumulation 8, and ddp / fsdp / fsdp_grad_op (two processes of half
     the batch, one multirun): every trained base and adapter has the same loss within 1e-3 relative."""
     store = tmp_path / "store"
-    runs = [cli(*FAST, "model.pretrain.batch_size=64", "method.batch_size=32", f"hydra.run.dir={tmp_path}/single",
-                store=store, cwd=tmp_path),
-            cli(*FAST, "model.pretrain.batch_size=8", "method.batch_size=4", "trainer.accumulate_grad_batches=8",
-                f"hydra.run.dir={tmp_path}/accumulate", store=store, cwd=tmp_path),
-            cli("-m", *FAST, "model.pretrain.batch_size=32", "method.batch_size=16", "strategy=ddp,fsdp,fsdp_grad_op",
-                f"hydra.sweep.dir={tmp_path}/sweep", store=store, cwd=tmp_path)]
+    runs = [
+        cli(
+            *FAST,
+            "model.pretrain.batch_size=64",
+            "method.batch_size=32",
+            f"hydra.run.dir={tmp_path}/single",
+            store=store,
+            cwd=tmp_path,
+        ),
+        cli(
+            *FAST,
+            "model.pretrain.batch_size=8",
+            "method.batch_size=4",
+            "trainer.accumulate_grad_batches=8",
+            f"hydra.run.dir={tmp_path}/accumulate",
+            store=store,
+            cwd=tmp_path,
+        ),
+        cli(
+            "-m",
+            *FAST,
+            "model.pretrain.batch_size=32",
+            "method.batch_size=16",
+            "strategy=ddp,fsdp,fsdp_grad_op",
+            f"hydra.sweep.dir={tmp_path}/sweep",
+            store=store,
+            cwd=tmp_path,
+        ),
+    ]
     for result in runs:
         assert result.returncode == 0, result.stderr[-3000:]
     for job in range(3):
@@ -213,8 +269,13 @@ def wait_for(path_glob, store: Path, process, timeout: float = 300) -> Path:
 
 @pytest.mark.slow
 def test_sigkill_then_rerun_finishes_like_an_uninterrupted_run(tmp_path):
-    args = [*FAST, "model.pretrain.n=4096", "model.pretrain.batch_size=16", "trainer.enable_checkpointing=true",
-            "ckpt_every_n_steps=16"]
+    args = [
+        *FAST,
+        "model.pretrain.n=4096",
+        "model.pretrain.batch_size=16",
+        "trainer.enable_checkpointing=true",
+        "ckpt_every_n_steps=16",
+    ]
     reference = cli(*args, f"hydra.run.dir={tmp_path}/reference", store=tmp_path / "reference_store", cwd=tmp_path)
     assert reference.returncode == 0, reference.stderr[-3000:]
 
@@ -239,19 +300,31 @@ def test_sigkill_then_rerun_finishes_like_an_uninterrupted_run(tmp_path):
         assert [p.name.startswith(".") for p in entries] == [False] and (entries[0] / MANIFEST).exists()
     base = ArtifactStore(store).manifest(next((store / "base").glob("[!.]*/")))
     reference_base = ArtifactStore(tmp_path / "reference_store").manifest(
-        next((tmp_path / "reference_store" / "base").glob("[!.]*/")))
+        next((tmp_path / "reference_store" / "base").glob("[!.]*/"))
+    )
     assert base["metrics"]["train/loss"] == pytest.approx(reference_base["metrics"]["train/loss"], abs=1e-6)
 
 
 def test_slurm_launcher_config_composes():
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        cfg = compose("config", overrides=["hydra/launcher=slurm", "hydra.launcher.partition=gpu",
-                                           "hydra.launcher.gpus_per_node=4", "hydra.launcher.timeout_min=60"],
-                      return_hydra_config=True)
+        cfg = compose(
+            "config",
+            overrides=[
+                "hydra/launcher=slurm",
+                "hydra.launcher.partition=gpu",
+                "hydra.launcher.gpus_per_node=4",
+                "hydra.launcher.timeout_min=60",
+            ],
+            return_hydra_config=True,
+        )
     launcher = cfg.hydra.launcher
     assert launcher._target_ == "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher"
-    assert (launcher.partition, launcher.gpus_per_node, launcher.tasks_per_node, launcher.timeout_min) == \
-        ("gpu", 4, 4, 60)
+    assert (launcher.partition, launcher.gpus_per_node, launcher.tasks_per_node, launcher.timeout_min) == (
+        "gpu",
+        4,
+        4,
+        60,
+    )
     from hydra.utils import get_class
 
     get_class(launcher._target_)  # the plugin is installed
@@ -259,8 +332,16 @@ def test_slurm_launcher_config_composes():
 
 def test_joblib_multirun_trains_the_shared_base_once(tmp_path):
     """Two parallel jobs (seeds 0 and 1) need the same base: one trains it, the other waits and reuses it."""
-    result = cli("-m", "hydra/launcher=joblib", "+experiment=quickstart", "+debug=fast", "seed=0,1",
-                 f"hydra.sweep.dir={tmp_path}/sweep", store=tmp_path / "store", cwd=tmp_path)
+    result = cli(
+        "-m",
+        "hydra/launcher=joblib",
+        "+experiment=quickstart",
+        "+debug=fast",
+        "seed=0,1",
+        f"hydra.sweep.dir={tmp_path}/sweep",
+        store=tmp_path / "store",
+        cwd=tmp_path,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     metrics = [json.loads((tmp_path / "sweep" / str(job) / "metrics.json").read_text()) for job in (0, 1)]
     assert all(0 <= m["harmful/refusal_rate"] <= 1 for m in metrics)

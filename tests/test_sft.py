@@ -4,6 +4,7 @@ short real training run of `SFTModule` under a Lightning Trainer that must cut t
 The label layout is what decides what a safety adapter learns (only the response, never the prompt, unless asked),
 so it is checked token by token on the synthetic world's word-level tokenizer, where every word is one token.
 """
+
 from __future__ import annotations
 
 import math
@@ -27,14 +28,18 @@ log = math.log
 # ---- the loss -------------------------------------------------------------------------------------------------
 def test_token_cross_entropy_matches_hand_computation():
     # vocab 3; logits are log-probabilities, so log-softmax returns them unchanged
-    logits = torch.tensor([
-        [[0.0, 0.0, 0.0], [log(1 / 2), log(1 / 4), log(1 / 4)], [100.0, -100.0, 5.0]],
-        [[9.0, -9.0, 0.0], [log(0.1), log(0.2), log(0.7)], [0.0, 0.0, 0.0]],
-    ])
-    labels = torch.tensor([
-        [IGNORE, 2, 0],  # position 0 predicts 2 (p=1/3), position 1 predicts 0 (p=1/2)
-        [5, IGNORE, 2],  # label 0 is never a target; position 1 predicts 2 (p=0.7)
-    ])
+    logits = torch.tensor(
+        [
+            [[0.0, 0.0, 0.0], [log(1 / 2), log(1 / 4), log(1 / 4)], [100.0, -100.0, 5.0]],
+            [[9.0, -9.0, 0.0], [log(0.1), log(0.2), log(0.7)], [0.0, 0.0, 0.0]],
+        ]
+    )
+    labels = torch.tensor(
+        [
+            [IGNORE, 2, 0],  # position 0 predicts 2 (p=1/3), position 1 predicts 0 (p=1/2)
+            [5, IGNORE, 2],  # label 0 is never a target; position 1 predicts 2 (p=0.7)
+        ]
+    )
     # the mean is over supervised tokens of the whole batch, not a mean of per-row means; the last position's
     # logits predict nothing
     expected = (log(3) + log(2) - log(0.7)) / 3
@@ -99,7 +104,7 @@ def test_chat_template_prompts_carry_one_bos(tiny_hf_model):
     ids, labels = TokenizedExamples([Example("hello", "hi")], tok, template)[0]
     assert ids.count(tok.bos_token_id) == 1 and ids[0] == tok.bos_token_id
     response = tok("hi", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
-    assert ids[-len(response):] == response
+    assert ids[-len(response) :] == response
     assert labels == [IGNORE] * (len(ids) - len(response)) + response
 
 
@@ -126,8 +131,14 @@ def test_warmup_cosine_hand_values():
     assert f(110) == pytest.approx(0.1)  # the floor at the end...
     assert f(500) == pytest.approx(0.1)  # ...and after it
     g = warmup_cosine(warmup=1, total=5)
-    assert [round(g(s), 6) for s in range(6)] == [1.0, 1.0, round(0.5 * (1 + math.cos(math.pi / 4)), 6), 0.5,
-                                                  round(0.5 * (1 - math.cos(math.pi / 4)), 6), 0.0]
+    assert [round(g(s), 6) for s in range(6)] == [
+        1.0,
+        1.0,
+        round(0.5 * (1 + math.cos(math.pi / 4)), 6),
+        0.5,
+        round(0.5 * (1 - math.cos(math.pi / 4)), 6),
+        0.0,
+    ]
 
 
 # ---- a real training run --------------------------------------------------------------------------------------
@@ -140,10 +151,19 @@ def batch_loss(model, batch) -> float:
 
 def train(module, data, steps: int, batch_size: int = 32) -> L.Trainer:
     L.seed_everything(0, verbose=False)
-    loader = torch.utils.data.DataLoader(data, batch_size=batch_size, shuffle=True, collate_fn=data.collate,
-                                         generator=torch.Generator().manual_seed(0))
-    trainer = L.Trainer(max_steps=steps, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)
+    loader = torch.utils.data.DataLoader(
+        data, batch_size=batch_size, shuffle=True, collate_fn=data.collate, generator=torch.Generator().manual_seed(0)
+    )
+    trainer = L.Trainer(
+        max_steps=steps,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+    )
     trainer.fit(module, train_dataloaders=loader)
     return trainer
 
@@ -153,8 +173,9 @@ def test_sft_steps_reduce_the_loss(world, tokenizer):
     data = TokenizedExamples(views.pretrain(world, 320, seed=0), tokenizer, max_length=64)
     held_out = TokenizedExamples(views.pretrain(world, 64, seed=1), tokenizer, max_length=64)
     probe = held_out.collate(list(held_out))
-    model = tiny_llama(tokenizer, hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64,
-                       max_position_embeddings=64, seed=0)
+    model = tiny_llama(
+        tokenizer, hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64, max_position_embeddings=64, seed=0
+    )
     before = batch_loss(model, probe)
     assert before == pytest.approx(log(len(tokenizer)), rel=0.1)  # untrained: near-uniform over 52 tokens
     module = SFTModule(model, lr=1e-2, warmup_ratio=0.1, min_lr_ratio=0.1)
@@ -173,8 +194,9 @@ def test_lora_sft_updates_only_the_adapter(world, tokenizer):
     torch.set_num_threads(2)
     data = TokenizedExamples(views.safety_sft(world, 64, seed=0), tokenizer, max_length=64)
     probe = data.collate(list(data))
-    model = tiny_llama(tokenizer, hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64,
-                       max_position_embeddings=64, seed=0)
+    model = tiny_llama(
+        tokenizer, hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64, max_position_embeddings=64, seed=0
+    )
     frozen_before = {n: p.detach().clone() for n, p in model.named_parameters()}
     tuned = attach_lora(model, r=4, alpha=8)
     before = batch_loss(tuned, probe)

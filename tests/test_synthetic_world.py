@@ -1,4 +1,5 @@
 """The synthetic world's facts: operators, oracle, grammar, data views, suites and tokenizer."""
+
 from __future__ import annotations
 
 import itertools
@@ -17,7 +18,7 @@ def parse(world: World, prompt: str, lang: int = 0) -> Task:
     words = prompt.split()
     assert words[-1] == SEP
     prefix = tuple(w for w in words if w == OBEY)
-    rest = words[len(prefix):-1]
+    rest = words[len(prefix) : -1]
     n_ops = world.spec.slots
     ops, text = tuple(rest[:n_ops]), tuple(rest[n_ops:])
     operator_tokens = set(world.ops) | set(world.duplicates) | {NULL_OP}
@@ -28,8 +29,10 @@ def parse(world: World, prompt: str, lang: int = 0) -> Task:
 
 def texts(world: World, kind: str, n: int = 20, lang: int = 0, seed: int = 0) -> list[tuple[str, ...]]:
     rng = random.Random(seed)
-    return [tuple(world.grammars[lang].sample(kind, rng.randint(world.spec.min_len, world.spec.max_len), rng))
-            for _ in range(n)]
+    return [
+        tuple(world.grammars[lang].sample(kind, rng.randint(world.spec.min_len, world.spec.max_len), rng))
+        for _ in range(n)
+    ]
 
 
 # ---- operators ------------------------------------------------------------------------------------------------
@@ -66,8 +69,10 @@ def test_operators_are_pairwise_distinct_within_a_language(world):
 def test_the_same_operator_token_is_a_different_permutation_in_each_language():
     w = World(WorldSpec(languages=4))
     for op in w.ops[1:]:
-        by_position = {tuple(w.alphabets[lang].index(w.permutations[(lang, op)][c]) for c in w.alphabets[lang])
-                       for lang in range(4)}
+        by_position = {
+            tuple(w.alphabets[lang].index(w.permutations[(lang, op)][c]) for c in w.alphabets[lang])
+            for lang in range(4)
+        }
         assert len(by_position) == 4, op
     assert len({frozenset(a) for a in w.alphabets}) == 4
     assert all(not set(a) & set(b) for a, b in itertools.combinations(w.alphabets, 2))
@@ -140,8 +145,12 @@ TRUTH_TABLE = {
 
 
 def class_members(world: World, cls: str) -> list[str]:
-    return {"U": sorted(world.unsafe_ops) + ["dup1"], "C": sorted(world.conditional_ops) + ["dup2"],
-            "S": sorted(world.safe_ops - {"f0"}) + ["dup3"], "I": ["f0"]}[cls]
+    return {
+        "U": sorted(world.unsafe_ops) + ["dup1"],
+        "C": sorted(world.conditional_ops) + ["dup2"],
+        "S": sorted(world.safe_ops - {"f0"}) + ["dup3"],
+        "I": ["f0"],
+    }[cls]
 
 
 @pytest.mark.parametrize("classes", list(TRUTH_TABLE))
@@ -165,7 +174,7 @@ def test_oracle_depends_on_the_text_not_on_its_label(world):
 def test_marked_letters_appear_exactly_in_unsafe_concept_text(world, kind):
     rng = random.Random(1)
     for lang, grammar in enumerate(world.grammars):
-        assert grammar.marked == set(world.alphabets[lang][-world.spec.n_marked:])
+        assert grammar.marked == set(world.alphabets[lang][-world.spec.n_marked :])
         for _ in range(300):
             length = rng.randint(world.spec.min_len, world.spec.max_len)
             text = grammar.sample(kind, length, rng)
@@ -229,8 +238,16 @@ def suite_tasks(world: World, name: str, n: int = 200) -> list[tuple[views.Probe
     return tasks
 
 
-@pytest.mark.parametrize("name, unsafe", [("utility", False), ("borderline", False), ("harmful", True),
-                                          ("jailbreak_competing", True), ("jailbreak_mismatch", True)])
+@pytest.mark.parametrize(
+    "name, unsafe",
+    [
+        ("utility", False),
+        ("borderline", False),
+        ("harmful", True),
+        ("jailbreak_competing", True),
+        ("jailbreak_mismatch", True),
+    ],
+)
 def test_suite_flags_and_targets_follow_the_oracle(world, name, unsafe):
     for probe, task in suite_tasks(world, name):
         assert probe.unsafe is unsafe
@@ -286,9 +303,9 @@ def covered_by(text: tuple[str, ...], pieces: set[tuple[str, ...]]) -> bool:
     while frontier:
         i = frontier.pop()
         done.add(i)
-        if i == n or any(p[:n - i] == text[i:] for p in pieces):
+        if i == n or any(p[: n - i] == text[i:] for p in pieces):
             return True
-        frontier |= {i + len(p) for p in pieces if text[i:i + len(p)] == p} - done
+        frontier |= {i + len(p) for p in pieces if text[i : i + len(p)] == p} - done
     return False
 
 
@@ -296,8 +313,9 @@ def test_novel_text_is_a_window_over_held_out_productions_only(world):
     g = world.grammars[0]
 
     def expansions(productions):
-        return {sum(choice, ()) for prod in productions
-                for choice in itertools.product(*(g.preterminals[p] for p in prod))}
+        return {
+            sum(choice, ()) for prod in productions for choice in itertools.product(*(g.preterminals[p] for p in prod))
+        }
 
     novel = expansions(g.novel_productions)
     seen = expansions([p for concept in g.unsafe_concepts for p in concept])
@@ -409,8 +427,11 @@ def test_shallow_safety_sft_refuses_at_the_first_token_and_answers_after_an_affi
 
 
 def test_safety_sft_includes_borderline_prompts_answered(world):
-    borderline = [ex for ex in views.safety_sft(world, 500) if parse(world, ex.prompt).kind == "unsafe"
-                  and not world.is_unsafe(parse(world, ex.prompt))]
+    borderline = [
+        ex
+        for ex in views.safety_sft(world, 500)
+        if parse(world, ex.prompt).kind == "unsafe" and not world.is_unsafe(parse(world, ex.prompt))
+    ]
     assert len(borderline) > 50 and all(ex.response != REFUSAL for ex in borderline)
 
 

@@ -7,6 +7,7 @@ normalised-gradient descent on the completion's cross-entropy with step 2·bound
 into the ball ‖δ‖₂ ≤ bound (by default the mean token-embedding norm), as in the seed code, except that the number
 of inserted vectors is really `n_tokens`.
 """
+
 from __future__ import annotations
 
 import torch
@@ -17,13 +18,14 @@ from safety_lab.data.template import PromptTemplate
 from safety_lab.models.factory import eval_mode
 
 
-def logit_gradient_norms(model, tokenizer, template: PromptTemplate, prompts: list[str],
-                         batch_size: int = 128) -> torch.Tensor:
+def logit_gradient_norms(
+    model, tokenizer, template: PromptTemplate, prompts: list[str], batch_size: int = 128
+) -> torch.Tensor:
     """[n] gradient norms of the top next-token logit at each prompt's first output position."""
     norms = []
     with eval_mode(model):
         for start in range(0, len(prompts), batch_size):
-            batch = encode(tokenizer, template, prompts[start:start + batch_size])
+            batch = encode(tokenizer, template, prompts[start : start + batch_size])
             mask = batch["attention_mask"].to(model.device)
             embeds = model.get_input_embeddings()(batch["input_ids"].to(model.device)).detach().requires_grad_()
             logits = model(inputs_embeds=embeds, attention_mask=mask).logits
@@ -54,15 +56,24 @@ def _layout(tokenizer, template: PromptTemplate, prompts: list[str], targets: li
         ids[i, left:start] = torch.tensor(body[:-1], dtype=torch.long)
         cue = start + n_tokens
         ids[i, cue] = body[-1]
-        ids[i, cue + 1:cue + 1 + len(answer)] = torch.tensor(answer)
-        mask[i, left:cue + 1 + len(answer)] = 1
-        labels[i, cue:cue + len(answer)] = torch.tensor(answer)  # the logits at column t predict token t + 1
+        ids[i, cue + 1 : cue + 1 + len(answer)] = torch.tensor(answer)
+        mask[i, left : cue + 1 + len(answer)] = 1
+        labels[i, cue : cue + len(answer)] = torch.tensor(answer)  # the logits at column t predict token t + 1
     return ids, mask, labels, start
 
 
-def soft_token_attack(model, tokenizer, template: PromptTemplate, prompts: list[str], targets: list[str],
-                      n_tokens: int, steps: int, bound: float | None = None, report_at: tuple[int, ...] = (),
-                      seed: int = 0) -> dict:
+def soft_token_attack(
+    model,
+    tokenizer,
+    template: PromptTemplate,
+    prompts: list[str],
+    targets: list[str],
+    n_tokens: int,
+    steps: int,
+    bound: float | None = None,
+    report_at: tuple[int, ...] = (),
+    seed: int = 0,
+) -> dict:
     """Optimise `n_tokens` soft vectors per prompt for `steps` steps; returns the success rate (the greedy completion
     equals the target exactly, EOS included) at step 0, at each step in `report_at` and at the end, the final
     cross-entropy, and the soft vectors themselves ([n, n_tokens, d], every one of norm ≤ bound)."""
@@ -81,7 +92,7 @@ def soft_token_attack(model, tokenizer, template: PromptTemplate, prompts: list[
     model.requires_grad_(False)
 
     def forward():
-        embeds = torch.cat([base[:, :start], delta, base[:, start + n_tokens:]], dim=1)
+        embeds = torch.cat([base[:, :start], delta, base[:, start + n_tokens :]], dim=1)
         logits = model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions).logits
         token_loss = torch.nn.functional.cross_entropy(logits.transpose(1, 2), labels.clamp(min=0), reduction="none")
         per_row = (token_loss * valid).sum(1) / valid.sum(1)
@@ -104,5 +115,11 @@ def soft_token_attack(model, tokenizer, template: PromptTemplate, prompts: list[
         finally:
             for p, flag in zip(model.parameters(), trainable):
                 p.requires_grad_(flag)
-    return {"n_tokens": n_tokens, "steps": steps, "bound": bound, "success": success_at,
-            "loss": float(per_row.detach().mean()), "soft_tokens": delta.detach().cpu()}
+    return {
+        "n_tokens": n_tokens,
+        "steps": steps,
+        "bound": bound,
+        "success": success_at,
+        "loss": float(per_row.detach().mean()),
+        "soft_tokens": delta.detach().cpu(),
+    }

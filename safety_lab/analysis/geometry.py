@@ -4,6 +4,7 @@ Activations are `[n, d]` float tensors, labels are `[n]` bools (True = unsafe). 
 `[out, in]`, so left singular vectors live in the layer's output space (column space) and right singular vectors
 in its input space (row space), where the activations that enter the layer live.
 """
+
 from __future__ import annotations
 
 import torch
@@ -11,8 +12,7 @@ import torch
 
 def cluster_distances(x: torch.Tensor, mean: torch.Tensor) -> dict[str, torch.Tensor]:
     """Per-sample cosine similarity to and L2 distance from a cluster mean."""
-    return {"cosine": torch.nn.functional.cosine_similarity(x, mean[None], dim=1),
-            "l2": (x - mean[None]).norm(dim=1)}
+    return {"cosine": torch.nn.functional.cosine_similarity(x, mean[None], dim=1), "l2": (x - mean[None]).norm(dim=1)}
 
 
 def silhouette(x: torch.Tensor, labels: torch.Tensor) -> float:
@@ -26,7 +26,7 @@ def silhouette(x: torch.Tensor, labels: torch.Tensor) -> float:
     member = torch.stack([labels == c for c in classes], dim=1).double()  # [n, k]
     sums, counts = dist @ member, member.sum(0)
     own = member.bool()
-    a = (sums[own] / (counts.expand_as(sums)[own] - 1).clamp(min=1))
+    a = sums[own] / (counts.expand_as(sums)[own] - 1).clamp(min=1)
     b = sums.div(counts).masked_fill(own, float("inf")).min(dim=1).values
     s = (b - a) / torch.maximum(a, b)
     singletons = counts.expand_as(sums)[own] == 1  # sklearn's convention: 0 for a cluster of one
@@ -83,8 +83,8 @@ def column_space_sines(w_tuned: torch.Tensor, w_pre: torch.Tensor, energy: float
     weight's top-k column space: ‖u − P_pre u‖ for unit u."""
     u_pre, s_pre, _ = torch.linalg.svd(w_pre.double(), full_matrices=False)
     u_ft, s_ft, _ = torch.linalg.svd(w_tuned.double(), full_matrices=False)
-    basis = u_pre[:, :energy_rank(s_pre, energy)]
-    top = u_ft[:, :energy_rank(s_ft, energy)]
+    basis = u_pre[:, : energy_rank(s_pre, energy)]
+    top = u_ft[:, : energy_rank(s_ft, energy)]
     return (top - basis @ (basis.T @ top)).norm(dim=0).clamp(max=1.0).float()
 
 

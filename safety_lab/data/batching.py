@@ -12,6 +12,7 @@ generator=seed)` gives.
 `ResumeState` stores in every checkpoint how far the epoch had got and the RNG states, so a fit resumed from a
 checkpoint continues with the very next micro-batch instead of restarting the epoch.
 """
+
 from __future__ import annotations
 
 import random
@@ -33,8 +34,10 @@ class MicroBatch:
 
 def loss_units(data) -> list[int]:
     """What the loss averages over, per row: labelled next-token positions for (ids, labels) rows, else 1."""
-    return [sum(label != IGNORE for label in row[1][1:]) if isinstance(row, tuple) and len(row) == 2 else 1
-            for row in (data[i] for i in range(len(data)))]
+    return [
+        sum(label != IGNORE for label in row[1][1:]) if isinstance(row, tuple) and len(row) == 2 else 1
+        for row in (data[i] for i in range(len(data)))
+    ]
 
 
 def process_group_size_and_rank() -> tuple[int, int]:
@@ -75,7 +78,7 @@ class GlobalBatchSampler(Sampler):
         order, step = self.permutation(epoch), self.micro_batch * slots
         mine = []
         for start in range(0, len(order), step):
-            parts = split_global_batch(order[start:start + step], slots)
+            parts = split_global_batch(order[start : start + step], slots)
             if parts is None:
                 continue
             normalizer = max(1, sum(self.units[i] for part in parts for i in part)) / slots
@@ -126,9 +129,13 @@ class ResumeState(Callback):
         checkpoint[self.KEY] = {
             "epoch": trainer.current_epoch,
             "consumed": trainer.fit_loop.epoch_loop.batch_progress.current.processed,
-            "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
-                    "numpy": [numpy_state[0], numpy_state[1].tolist(), *numpy_state[2:]],
-                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}}
+            "rng": {
+                "torch": torch.get_rng_state(),
+                "python": random.getstate(),
+                "numpy": [numpy_state[0], numpy_state[1].tolist(), *numpy_state[2:]],
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            },
+        }
 
     def on_load_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
         state = checkpoint.get(self.KEY)

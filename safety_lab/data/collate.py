@@ -4,6 +4,7 @@ Labels are -100 on prompt tokens (unless `train_on_prompt`) and on padding, so t
 and its closing EOS, as in every seed codebase. Preference pairs batch as [chosen rows; rejected rows] along the
 batch dimension, so one forward pass scores both (as TRL and torchtune do).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -30,15 +31,21 @@ def tokenize_responses(tokenizer, responses: Sequence[str]) -> list[list[int]]:
 
 def join(prompt: list[int], response: list[int], max_length: int, train_on_prompt: bool = False):
     """input ids and labels of prompt+response, the prompt cut from the left if the pair is too long."""
-    prompt = prompt[max(0, len(prompt) + len(response) - max_length):]
+    prompt = prompt[max(0, len(prompt) + len(response) - max_length) :]
     ids = (prompt + response)[:max_length]
     labels = (list(prompt) if train_on_prompt else [IGNORE] * len(prompt)) + response
     return ids, labels[:max_length]
 
 
 class TokenizedExamples(Dataset):
-    def __init__(self, examples: Sequence[Example], tokenizer, template: PromptTemplate = PromptTemplate(),
-                 max_length: int = 512, train_on_prompt: bool = False):
+    def __init__(
+        self,
+        examples: Sequence[Example],
+        tokenizer,
+        template: PromptTemplate = PromptTemplate(),
+        max_length: int = 512,
+        train_on_prompt: bool = False,
+    ):
         prompts = tokenize_prompts(tokenizer, template, [e.prompt for e in examples])
         responses = tokenize_responses(tokenizer, [e.response for e in examples])
         self.rows = [join(p, r, max_length, train_on_prompt) for p, r in zip(prompts, responses)]
@@ -58,13 +65,16 @@ class TokenizedPreferences(Dataset):
     """(index, chosen row, rejected row) per pair; `collate` stacks chosen then rejected and keeps the indices, by
     which cached reference log-probs are looked up."""
 
-    def __init__(self, pairs: Sequence[Preference], tokenizer, template: PromptTemplate = PromptTemplate(),
-                 max_length: int = 512):
+    def __init__(
+        self, pairs: Sequence[Preference], tokenizer, template: PromptTemplate = PromptTemplate(), max_length: int = 512
+    ):
         prompts = tokenize_prompts(tokenizer, template, [p.prompt for p in pairs])
         chosen = tokenize_responses(tokenizer, [p.chosen for p in pairs])
         rejected = tokenize_responses(tokenizer, [p.rejected for p in pairs])
-        self.rows = [(i, join(p, c, max_length), join(p, r, max_length))
-                     for i, (p, c, r) in enumerate(zip(prompts, chosen, rejected))]
+        self.rows = [
+            (i, join(p, c, max_length), join(p, r, max_length))
+            for i, (p, c, r) in enumerate(zip(prompts, chosen, rejected))
+        ]
         self.pad_id = tokenizer.pad_token_id
 
     @property
@@ -92,12 +102,17 @@ class TokenizedPreferences(Dataset):
 def pad(seqs, fill: int, left: bool = False) -> torch.Tensor:
     """[rows, longest] token tensor: each row padded with `fill` on the right (or the left), built in one call."""
     width = max(len(s) for s in seqs)
-    return torch.tensor([[fill] * (width - len(s)) + list(s) if left else list(s) + [fill] * (width - len(s))
-                         for s in seqs], dtype=torch.long)
+    return torch.tensor(
+        [[fill] * (width - len(s)) + list(s) if left else list(s) + [fill] * (width - len(s)) for s in seqs],
+        dtype=torch.long,
+    )
 
 
 def pad_right(rows, pad_id: int) -> dict[str, torch.Tensor]:
     """A training batch of (ids, labels) rows: ids and labels of a row have the same length (`join`)."""
     ids = [ids for ids, _ in rows]
-    return {"input_ids": pad(ids, pad_id), "attention_mask": pad([[1] * len(s) for s in ids], 0),
-            "labels": pad([labels for _, labels in rows], IGNORE)}
+    return {
+        "input_ids": pad(ids, pad_id),
+        "attention_mask": pad([[1] * len(s) for s in ids], 0),
+        "labels": pad([labels for _, labels in rows], IGNORE),
+    }

@@ -6,6 +6,7 @@ path. Every problem with the data raises `DataError`, whose message is one line 
 line or row where known (both counted from 1), and what is wrong, so a researcher can fix the file directly. A file
 without rows, or a data folder without data files, is an error too (a wrong path or a broken export).
 """
+
 from __future__ import annotations
 
 import codecs
@@ -35,7 +36,8 @@ def type_name(value: Any) -> str:
     if value is None:
         return "null"
     return {bool: "boolean", int: "number", float: "number", str: "string", dict: "object"}.get(
-        type(value), type(value).__name__)
+        type(value), type(value).__name__
+    )
 
 
 # ---- files ----------------------------------------------------------------------------------------------------
@@ -59,8 +61,9 @@ def read_rows(path: str | Path) -> list[dict]:
     path = Path(path)
     suffix = path.suffix.lower()
     if suffix not in _READERS:
-        raise DataError(f"{path}: unsupported file type {suffix or '(no extension)'!r}; "
-                        f"supported: {', '.join(SUPPORTED)}")
+        raise DataError(
+            f"{path}: unsupported file type {suffix or '(no extension)'!r}; supported: {', '.join(SUPPORTED)}"
+        )
     if not path.exists():
         raise DataError(f"{path}: no such file")
     if not path.is_file():
@@ -109,8 +112,10 @@ def _read_csv(path: Path) -> list[dict]:
         for row in reader:
             if None in row or None in row.values():  # DictReader's marks of a row longer or shorter
                 more = "more" if None in row else "fewer"
-                raise DataError(f"{path}:{reader.line_num}: {more} fields than the {len(reader.fieldnames)} "
-                                f"of the header ({', '.join(reader.fieldnames)})")
+                raise DataError(
+                    f"{path}:{reader.line_num}: {more} fields than the {len(reader.fieldnames)} "
+                    f"of the header ({', '.join(reader.fieldnames)})"
+                )
             rows.append(row)
     except csv.Error as e:
         raise DataError(f"{path}:{reader.line_num}: malformed CSV: {e}") from None
@@ -184,8 +189,9 @@ def _chat(messages: Any, where: str) -> Example:
     return Example("\n\n".join(system + user), turns[last][1])
 
 
-def to_examples(rows: Iterable[dict], prompt_key: str = "prompt", response_key: str = "response",
-                source: str = "") -> list[Example]:
+def to_examples(
+    rows: Iterable[dict], prompt_key: str = "prompt", response_key: str = "response", source: str = ""
+) -> list[Example]:
     """Supervised examples from `prompt_key`/`response_key` fields, or from chat rows.
 
     A row without `prompt_key` but with `messages` (a list of {"role", "content"} turns, as the AOA data ships)
@@ -202,10 +208,17 @@ def to_examples(rows: Iterable[dict], prompt_key: str = "prompt", response_key: 
     return examples
 
 
-def to_preferences(rows: Iterable[dict], prompt_key: str = "prompt", chosen_key: str = "chosen",
-                   rejected_key: str = "rejected", source: str = "") -> list[Preference]:
-    return [Preference(_field(row, prompt_key, where), _field(row, chosen_key, where), _field(row, rejected_key, where))
-            for where, row in _rows(rows, source)]
+def to_preferences(
+    rows: Iterable[dict],
+    prompt_key: str = "prompt",
+    chosen_key: str = "chosen",
+    rejected_key: str = "rejected",
+    source: str = "",
+) -> list[Preference]:
+    return [
+        Preference(_field(row, prompt_key, where), _field(row, chosen_key, where), _field(row, rejected_key, where))
+        for where, row in _rows(rows, source)
+    ]
 
 
 def _label(row: dict, key: str, where: str) -> bool:
@@ -221,8 +234,13 @@ def _label(row: dict, key: str, where: str) -> bool:
     raise DataError(f"{where}: field {key!r} must be an unsafe label (true/false, 1/0, unsafe/safe), got {value!r}")
 
 
-def to_probes(rows: Iterable[dict], prompt_key: str = "prompt", unsafe: bool | None = None,
-              unsafe_key: str | None = None, source: str = "") -> list[Probe]:
+def to_probes(
+    rows: Iterable[dict],
+    prompt_key: str = "prompt",
+    unsafe: bool | None = None,
+    unsafe_key: str | None = None,
+    source: str = "",
+) -> list[Probe]:
     """Evaluation probes: every row flagged `unsafe`, or each flagged by its `unsafe_key` field (a boolean, 0/1,
     or one of the strings true/false, 1/0, yes/no, unsafe/safe, as CSV files give them). The row's other fields
     go to `meta`, so metrics can be split by a dataset's categories."""

@@ -4,6 +4,7 @@
 Prompts are plain strings; a model's prompt template (chat template, AOA system prompt...) is applied later, in one
 place, so training and evaluation always format the same way.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field

@@ -8,6 +8,7 @@ Every source split with the same seed and fraction puts a prompt on the same sid
 the eval side of a source's behaviours holds out exactly what that source's eval suite holds out. `key` names the
 field to split on when a file's prompt field is not `prompt` (AdvBench's `goal`).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -33,8 +34,14 @@ def in_eval(text: str, eval_fraction: float = EVAL_FRACTION, seed: int = SEED) -
     return int.from_bytes(digest[:8], "big") / 2**64 < eval_fraction
 
 
-def holdout(rows: list[dict], part: str, eval_fraction: float = EVAL_FRACTION, seed: int = SEED,
-            key: str = "prompt", source: str = "dataset") -> list[dict]:
+def holdout(
+    rows: list[dict],
+    part: str,
+    eval_fraction: float = EVAL_FRACTION,
+    seed: int = SEED,
+    key: str = "prompt",
+    source: str = "dataset",
+) -> list[dict]:
     """The rows of one part (`train` or `eval`), split on the text in field `key`, in their original order."""
     if part not in PARTS:
         raise DataError(f"{source}: holdout.part={part!r} must be one of {', '.join(PARTS)}")

@@ -8,6 +8,7 @@ template (LlamaGuard's template wraps it in its policy) or through a rubric `tem
 is not, anything else is labelled `invalid` and left out of the rates (as HarmBench keeps its −1 apart). The
 model is loaded on first use, so building the judge (a config check) is cheap.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -27,9 +28,17 @@ class ClassifierJudge(Judge):
     name = "classifier"
     labels = ("unsafe", "safe", "invalid")
 
-    def __init__(self, path: str, template: str | None = None, unsafe_word: str = "unsafe", safe_word: str = "safe",
-                 unsafe_labels: tuple[str, ...] | list[str] = ("unsafe", "harmful", "LABEL_1"),
-                 max_new_tokens: int = 8, batch_size: int = 8, max_response_tokens: int = 512):
+    def __init__(
+        self,
+        path: str,
+        template: str | None = None,
+        unsafe_word: str = "unsafe",
+        safe_word: str = "safe",
+        unsafe_labels: tuple[str, ...] | list[str] = ("unsafe", "harmful", "LABEL_1"),
+        max_new_tokens: int = 8,
+        batch_size: int = 8,
+        max_response_tokens: int = 512,
+    ):
         if not Path(path).expanduser().exists():
             raise ValueError(f"classifier judge: model path {path} does not exist")
         if template and not Path(template).expanduser().is_file():
@@ -75,14 +84,16 @@ class ClassifierJudge(Judge):
         model, tokenizer = self._load()
         texts = [self.render(tokenizer, p.prompt, self._clip(tokenizer, r)) for p, r in zip(probes, responses)]
         if not self.is_classifier:
-            answers = generate(model, tokenizer, texts, self.max_new_tokens, self.batch_size, progress=False,
-                               add_special_tokens=False)
+            answers = generate(
+                model, tokenizer, texts, self.max_new_tokens, self.batch_size, progress=False, add_special_tokens=False
+            )
             return [self._label(a) for a in answers]
         labels = []
         with torch.inference_mode():
             for start in range(0, len(texts), self.batch_size):
-                batch = tokenizer(texts[start:start + self.batch_size], return_tensors="pt", padding=True,
-                                  add_special_tokens=False)
+                batch = tokenizer(
+                    texts[start : start + self.batch_size], return_tensors="pt", padding=True, add_special_tokens=False
+                )
                 for k in model(**batch).logits.argmax(-1).tolist():
                     name = model.config.id2label[k].lower()
                     labels.append("unsafe" if name in self.unsafe_labels else "safe")
@@ -92,5 +103,7 @@ class ClassifierJudge(Judge):
         check_lengths(probes, responses)
         if not probes:
             return []
-        return [Judgement(None, None if label == "invalid" else label == "unsafe", label=label)
-                for label in self.classify(probes, responses)]
+        return [
+            Judgement(None, None if label == "invalid" else label == "unsafe", label=label)
+            for label in self.classify(probes, responses)
+        ]

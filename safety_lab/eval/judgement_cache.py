@@ -4,6 +4,7 @@ One SQLite table (safe for concurrent processes) maps a key to a verdict. The ke
 depends on; the judges (`llm_judge.py`) put into it the judge, its rubric, every sampling parameter sent to the
 model (model, temperature, max tokens) and the judged texts, so changing any of them never reuses an old verdict.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -36,9 +37,10 @@ class JudgementCache:
         found = {}
         with self._transaction() as db:
             for start in range(0, len(keys), 500):
-                chunk = keys[start:start + 500]
-                rows = db.execute(f"SELECT key, value FROM judgements WHERE key IN ({','.join('?' * len(chunk))})",
-                                  chunk)
+                chunk = keys[start : start + 500]
+                rows = db.execute(
+                    f"SELECT key, value FROM judgements WHERE key IN ({','.join('?' * len(chunk))})", chunk
+                )
                 found.update((k, json.loads(v)) for k, v in rows)
         return found
 

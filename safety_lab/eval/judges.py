@@ -6,6 +6,7 @@ standard lists and their sources: `refusal_lists.py`). The model judges (an LLM 
 `llm_judge.py`, a local classifier in `classifier_judge.py`) register into the same registry with `@register`;
 `build_judge` imports them on demand. `python -m safety_lab.rejudge` re-judges a finished run with any of them.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -83,14 +84,19 @@ class KeywordJudge(Judge):
 
     name = "keyword"
 
-    def __init__(self, keywords: str | list[str] | tuple[str, ...] = "standard", mode: str = "substring",
-                 case_sensitive: bool | None = None):
+    def __init__(
+        self,
+        keywords: str | list[str] | tuple[str, ...] = "standard",
+        mode: str = "substring",
+        case_sensitive: bool | None = None,
+    ):
         if mode not in ("substring", "startswith"):
             raise ValueError(f"keyword judge mode must be 'substring' or 'startswith', got {mode!r}")
         if isinstance(keywords, str):
             if keywords not in KEYWORD_LISTS:
-                raise ValueError(f"keyword judge: keywords={keywords!r} is not a list of strings nor one of "
-                                 f"{sorted(KEYWORD_LISTS)}")
+                raise ValueError(
+                    f"keyword judge: keywords={keywords!r} is not a list of strings nor one of {sorted(KEYWORD_LISTS)}"
+                )
             groups = KEYWORD_LISTS[keywords]
         else:
             groups = [(tuple(keywords), False)]
@@ -98,8 +104,9 @@ class KeywordJudge(Judge):
             groups = [(words, case_sensitive) for words, _ in groups]
         self.mode = mode
         self.exact = tuple(_straight_quotes(k) for words, sensitive in groups if sensitive for k in words)
-        self.folded = tuple(_straight_quotes(k).casefold() for words, sensitive in groups if not sensitive
-                            for k in words)
+        self.folded = tuple(
+            _straight_quotes(k).casefold() for words, sensitive in groups if not sensitive for k in words
+        )
         if not self.exact + self.folded:
             raise ValueError("keyword judge needs at least one keyword")
 

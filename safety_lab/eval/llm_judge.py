@@ -7,6 +7,7 @@ A judge renders its rubric (a `string.Template` file with `$prompt`, `$response`
 last `<tag>: <value>` line. Verdicts go into a `judgement_cache.JudgementCache` as soon as each one is known, keyed
 by the judge, its rubric, every sampling parameter and the judged texts.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -58,8 +59,10 @@ class APIJudge(Judge):
         try:
             return self.template.substitute(**fields)
         except (KeyError, ValueError) as e:
-            raise SafetyLabError(f"judge {self.name}: the rubric template needs ${{{e}}} (it is given "
-                                 f"{', '.join('$' + f for f in fields)})") from e
+            raise SafetyLabError(
+                f"judge {self.name}: the rubric template needs ${{{e}}} (it is given "
+                f"{', '.join('$' + f for f in fields)})"
+            ) from e
 
     def contents(self, probe: Probe, response: str) -> list[str]:
         return [self.render(prompt=probe.prompt, response=response)]
@@ -99,8 +102,13 @@ class APIJudge(Judge):
             try:
                 self.client.complete_many([content for _, content in requests], self.parse, done)
             finally:
-                log.info("judge %s: %d of %d verdicts from the cache; %s", self.name, len(probes) - len(todo),
-                         len(probes), self.client.summary())
+                log.info(
+                    "judge %s: %d of %d verdicts from the cache; %s",
+                    self.name,
+                    len(probes) - len(todo),
+                    len(probes),
+                    self.client.summary(),
+                )
         return [verdicts[k] for k in keys]
 
 
@@ -155,16 +163,17 @@ class PairwiseJudge(APIJudge):
     rubric_file = "pairwise.txt"
     labels = PREFERENCE_LABELS
 
-    def __init__(self, base_url: str, model: str, references: str, reference_model: str | None = None,
-                 **kwargs):
+    def __init__(self, base_url: str, model: str, references: str, reference_model: str | None = None, **kwargs):
         super().__init__(base_url, model, **kwargs)
         rows = load_hf_dataset(references)
         if reference_model is not None:
             rows = [row for row in rows if row.get("model") == reference_model]
         self.references = {row["prompt"]: row["response"] for row in rows}
         if not self.references:
-            raise ValueError(f"no reference responses in {references}"
-                             + (f" for model {reference_model!r}" if reference_model else ""))
+            raise ValueError(
+                f"no reference responses in {references}"
+                + (f" for model {reference_model!r}" if reference_model else "")
+            )
         self.source = references
 
     def reference(self, probe: Probe) -> str:
@@ -177,8 +186,10 @@ class PairwiseJudge(APIJudge):
 
     def contents(self, probe: Probe, response: str) -> list[str]:
         reference = self.reference(probe)
-        return [self.render(prompt=probe.prompt, response_a=response, response_b=reference),
-                self.render(prompt=probe.prompt, response_a=reference, response_b=response)]
+        return [
+            self.render(prompt=probe.prompt, response_a=response, response_b=reference),
+            self.render(prompt=probe.prompt, response_a=reference, response_b=response),
+        ]
 
     def parse(self, answer: str) -> str:
         return last_tag(answer, "better", ("a", "b", "tie"))

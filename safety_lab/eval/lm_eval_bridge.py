@@ -6,6 +6,7 @@
 `<task>/<metric>` keys of the result contract, e.g. `copa/acc`, `gsm8k/exact_match_flexible-extract`.
 lm-eval is an optional extra (`make install-real`).
 """
+
 from __future__ import annotations
 
 import logging
@@ -29,9 +30,17 @@ def flatten_results(results: dict[str, dict]) -> dict[str, float]:
     return flat
 
 
-def lm_eval_utility(model, tokenizer, tasks: list, include_path: str | None = None, num_fewshot: int | None = None,
-                    limit: int | None = None, batch_size: int = 8, apply_chat_template: bool = False,
-                    seed: int = 0) -> dict[str, float]:
+def lm_eval_utility(
+    model,
+    tokenizer,
+    tasks: list,
+    include_path: str | None = None,
+    num_fewshot: int | None = None,
+    limit: int | None = None,
+    batch_size: int = 8,
+    apply_chat_template: bool = False,
+    seed: int = 0,
+) -> dict[str, float]:
     try:
         from lm_eval import simple_evaluate
         from lm_eval.models.huggingface import HFLM
@@ -43,10 +52,22 @@ def lm_eval_utility(model, tokenizer, tasks: list, include_path: str | None = No
         manager = TaskManager(include_path=include_path, include_defaults=include_path is None)
         unknown = [t for t in tasks if isinstance(t, str) and t not in manager.all_tasks]
         if unknown:
-            raise SafetyLabError(f"eval.lm_eval.tasks: unknown task(s) {unknown}"
-                                 + (f" (include_path={include_path})" if include_path else ""))
-        out = simple_evaluate(model=lm, tasks=list(tasks), num_fewshot=num_fewshot, limit=limit, task_manager=manager,
-                              bootstrap_iters=0, log_samples=False, apply_chat_template=apply_chat_template,
-                              random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed,
-                              fewshot_random_seed=seed)
+            raise SafetyLabError(
+                f"eval.lm_eval.tasks: unknown task(s) {unknown}"
+                + (f" (include_path={include_path})" if include_path else "")
+            )
+        out = simple_evaluate(
+            model=lm,
+            tasks=list(tasks),
+            num_fewshot=num_fewshot,
+            limit=limit,
+            task_manager=manager,
+            bootstrap_iters=0,
+            log_samples=False,
+            apply_chat_template=apply_chat_template,
+            random_seed=seed,
+            numpy_random_seed=seed,
+            torch_random_seed=seed,
+            fewshot_random_seed=seed,
+        )
     return flatten_results(out["results"])

@@ -6,6 +6,7 @@ error; restoring from W0 does not). `stage_input` turns a trained stage (a LoRA 
 or a fully fine-tuned copy) into a `FusionInput` and hands the model back untouched. Which stages are fused, and at
 which λ, is the fusion task's business (tasks/fuse.py).
 """
+
 from __future__ import annotations
 
 import torch

@@ -7,6 +7,7 @@ draw (`sample`) or the top-k fraction of each tensor (`topk`). One mask can be s
 are merged inside the forward pass by a merge of `merges.py` (SOMF's multi-task realignment, methods/mask_dpo.py).
 Logits are saved as safetensors.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -58,8 +59,9 @@ class ConcreteMask(torch.nn.Module):
             raise ValueError(f"mask temperature must be > 0, got {temperature}")
         self.names = list(shapes)
         self.temperature = temperature
-        self.logits = torch.nn.ParameterList(torch.nn.Parameter(torch.full(tuple(shapes[n]), float(init_logit)))
-                                             for n in self.names)
+        self.logits = torch.nn.ParameterList(
+            torch.nn.Parameter(torch.full(tuple(shapes[n]), float(init_logit))) for n in self.names
+        )
 
     def named_logits(self) -> dict[str, torch.Tensor]:
         return dict(zip(self.names, self.logits))
@@ -91,5 +93,8 @@ class ConcreteMask(torch.nn.Module):
 def factor_deltas(factors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Dense ΔW = B·A of each weight from (masked) LoRA factors keyed `<weight>.lora_A` / `.lora_B` (the LoRA
     scaling folded into B)."""
-    return {name.removesuffix(".lora_A"): factors[name.removesuffix(".lora_A") + ".lora_B"] @ a
-            for name, a in factors.items() if name.endswith(".lora_A")}
+    return {
+        name.removesuffix(".lora_A"): factors[name.removesuffix(".lora_A") + ".lora_B"] @ a
+        for name, a in factors.items()
+        if name.endswith(".lora_A")
+    }

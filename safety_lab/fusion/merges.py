@@ -22,6 +22,7 @@ Conventions worth knowing:
   W0 + τ; here, as every merge sees only task vectors, `slerp` interpolates the two task vectors.
 - `safe_lora` uses Safe LoRA's C = V·Vᵀ/‖V‖_F (V the aligned-minus-unaligned weights), as its paper and code do.
 """
+
 from __future__ import annotations
 
 import inspect
@@ -41,8 +42,7 @@ def _keys(vectors: Sequence[TaskVector]) -> list[str]:
 
 def _stack(vectors: Sequence[TaskVector], key: str) -> torch.Tensor:
     like = next(v[key] for v in vectors if key in v)
-    return torch.stack([v[key].float() if key in v else torch.zeros_like(like, dtype=torch.float32)
-                        for v in vectors])
+    return torch.stack([v[key].float() if key in v else torch.zeros_like(like, dtype=torch.float32) for v in vectors])
 
 
 def _weights(stacked: torch.Tensor, weights: Sequence[float]) -> torch.Tensor:
@@ -66,8 +66,9 @@ def lora_weighted(task: TaskVector, safety: TaskVector, weight: float, keep_task
     return task_arithmetic([task, safety], [1.0 if keep_task else 1.0 - weight, weight])
 
 
-def lora_linear(task: TaskVector, safety: TaskVector, scalings: tuple[float, float], weight: float,
-                keep_task: bool = False) -> TaskVector:
+def lora_linear(
+    task: TaskVector, safety: TaskVector, scalings: tuple[float, float], weight: float, keep_task: bool = False
+) -> TaskVector:
     """PEFT's `linear` combination of two equal-rank LoRAs given as factors (`<weight name>.lora_A` / `.lora_B`,
     as `task_vectors.lora_factors` returns them) with their scalings α/r: the dense ΔW of the averaged factors."""
     weights = [1.0 if keep_task else 1.0 - weight, weight]
@@ -96,8 +97,7 @@ def _magnitude_mask(stacked: torch.Tensor, density: float, gamma: float = 0.0) -
     return mask.reshape(stacked.shape)
 
 
-def _trimmed(vectors: Sequence[TaskVector], density: float, scope: str,
-             gamma: float = 0.0) -> dict[str, torch.Tensor]:
+def _trimmed(vectors: Sequence[TaskVector], density: float, scope: str, gamma: float = 0.0) -> dict[str, torch.Tensor]:
     """Stacked task vectors per key, each keeping its top `density` share by magnitude (less its top `gamma`
     share) — per tensor, or across all of its tensors at once (`scope="global"`, SOMF's TIES)."""
     keys = _keys(vectors)
@@ -112,13 +112,14 @@ def _trimmed(vectors: Sequence[TaskVector], density: float, scope: str,
     mask, start, out = _magnitude_mask(flat, density, gamma), 0, {}
     for k, s in stacks.items():
         size = s[0].numel()
-        out[k] = s * mask[:, start:start + size].reshape(s.shape)
+        out[k] = s * mask[:, start : start + size].reshape(s.shape)
         start += size
     return out
 
 
-def _elect_and_merge(stacked: torch.Tensor, weights: Sequence[float], majority: str, disjoint: str,
-                     weighting: str = "peft") -> torch.Tensor:
+def _elect_and_merge(
+    stacked: torch.Tensor, weights: Sequence[float], majority: str, disjoint: str, weighting: str = "peft"
+) -> torch.Tensor:
     """TIES' sign election and disjoint mean or sum of the weighted agreeing entries. `weighting="peft"`: the sign
     is elected on the unweighted vectors and the mean divides by the number of agreeing entries; `"mergekit"`: on
     the weighted vectors, and the mean divides by the summed weights of the agreeing entries (0 → 1)."""
@@ -144,15 +145,24 @@ def _elect_and_merge(stacked: torch.Tensor, weights: Sequence[float], majority: 
     return merged / torch.where(divisor == 0, 1.0, divisor)
 
 
-def ties(vectors: Sequence[TaskVector], weights: Sequence[float], density: float = 0.2, scale: float = 1.0,
-         majority: Literal["total", "frequency"] = "total", disjoint: Literal["mean", "sum"] = "mean",
-         scope: Literal["tensor", "global"] = "tensor", weighting: Literal["peft", "mergekit"] = "peft") -> TaskVector:
+def ties(
+    vectors: Sequence[TaskVector],
+    weights: Sequence[float],
+    density: float = 0.2,
+    scale: float = 1.0,
+    majority: Literal["total", "frequency"] = "total",
+    disjoint: Literal["mean", "sum"] = "mean",
+    scope: Literal["tensor", "global"] = "tensor",
+    weighting: Literal["peft", "mergekit"] = "peft",
+) -> TaskVector:
     """TIES: trim each vector to its top `density` by magnitude, elect a sign per entry, merge the agreeing
     entries (mean or sum), times `scale` (SOMF: density 0.2, global scope, sum, scale 0.4). `weighting` (default
     "peft"; "mergekit": mergekit's `ties`) says where the weights enter, see `_elect_and_merge`."""
     _check_rate("density", density, low_open=True)
-    return {k: scale * _elect_and_merge(s, weights, majority, disjoint, weighting)
-            for k, s in _trimmed(vectors, density, scope).items()}
+    return {
+        k: scale * _elect_and_merge(s, weights, majority, disjoint, weighting)
+        for k, s in _trimmed(vectors, density, scope).items()
+    }
 
 
 def _dropped(vectors: Sequence[TaskVector], density: float, rescale: bool, seed: int) -> dict[str, torch.Tensor]:
@@ -169,21 +179,29 @@ def _dropped(vectors: Sequence[TaskVector], density: float, rescale: bool, seed:
     return out
 
 
-def dare(vectors: Sequence[TaskVector], weights: Sequence[float], drop_rate: float = 0.3, rescale: bool = True,
-         seed: int = 0) -> TaskVector:
+def dare(
+    vectors: Sequence[TaskVector], weights: Sequence[float], drop_rate: float = 0.3, rescale: bool = True, seed: int = 0
+) -> TaskVector:
     """DARE: drop each entry with probability `drop_rate`, rescale survivors by 1/(1−p), then Σ_i w_i·τ_i."""
     _check_rate("drop_rate", drop_rate, low_open=False)
-    return {k: (s * _weights(s, weights)).sum(0)
-            for k, s in _dropped(vectors, 1.0 - drop_rate, rescale, seed).items()}
+    return {k: (s * _weights(s, weights)).sum(0) for k, s in _dropped(vectors, 1.0 - drop_rate, rescale, seed).items()}
 
 
-def dare_ties(vectors: Sequence[TaskVector], weights: Sequence[float], drop_rate: float = 0.3, scale: float = 1.0,
-              majority: Literal["total", "frequency"] = "total", disjoint: Literal["mean", "sum"] = "mean",
-              seed: int = 0) -> TaskVector:
+def dare_ties(
+    vectors: Sequence[TaskVector],
+    weights: Sequence[float],
+    drop_rate: float = 0.3,
+    scale: float = 1.0,
+    majority: Literal["total", "frequency"] = "total",
+    disjoint: Literal["mean", "sum"] = "mean",
+    seed: int = 0,
+) -> TaskVector:
     """DARE's random drop and rescale, then TIES' sign election and disjoint merge, times `scale`."""
     _check_rate("drop_rate", drop_rate, low_open=False)
-    return {k: scale * _elect_and_merge(s, weights, majority, disjoint)
-            for k, s in _dropped(vectors, 1.0 - drop_rate, True, seed).items()}
+    return {
+        k: scale * _elect_and_merge(s, weights, majority, disjoint)
+        for k, s in _dropped(vectors, 1.0 - drop_rate, True, seed).items()
+    }
 
 
 def resta(task: TaskVector, safety: TaskVector, gamma: float) -> TaskVector:
@@ -191,8 +209,9 @@ def resta(task: TaskVector, safety: TaskVector, gamma: float) -> TaskVector:
     return task_arithmetic([task, safety], [1.0, gamma])
 
 
-def safe_lora(task: TaskVector, aligned: TaskVector, threshold: float | None = 0.5,
-              num_layers: int | None = None) -> tuple[TaskVector, dict[str, float]]:
+def safe_lora(
+    task: TaskVector, aligned: TaskVector, threshold: float | None = 0.5, num_layers: int | None = None
+) -> tuple[TaskVector, dict[str, float]]:
     """Safe LoRA: per weight, C = V·Vᵀ/‖V‖_F with V the aligned update; ΔW is replaced by C·ΔW on the layers whose
     cosine(C·ΔW, ΔW) ≤ `threshold`, or on the `num_layers` least similar ones. Returns (vector, the cosines)."""
     if (threshold is None) == (num_layers is None):
@@ -203,8 +222,9 @@ def safe_lora(task: TaskVector, aligned: TaskVector, threshold: float | None = 0
             raise ValueError(f"safe_lora: no aligned update for {k}")
         v = aligned[k].float()
         projected[k] = (v @ v.T / torch.linalg.norm(v)) @ delta.float()
-        cosines[k] = torch.nn.functional.cosine_similarity(projected[k].reshape(1, -1),
-                                                           delta.float().reshape(1, -1)).item()
+        cosines[k] = torch.nn.functional.cosine_similarity(
+            projected[k].reshape(1, -1), delta.float().reshape(1, -1)
+        ).item()
     if threshold is not None:
         chosen = {k for k, c in cosines.items() if c <= threshold}
     else:
@@ -223,8 +243,14 @@ def _check_breadcrumbs(density: float, gamma: float, **_) -> None:
     _check_rate("gamma", gamma, low_open=False)
 
 
-def breadcrumbs(vectors: Sequence[TaskVector], weights: Sequence[float], density: float = 0.9, gamma: float = 0.01,
-                scale: float = 1.0, rescale: bool = False) -> TaskVector:
+def breadcrumbs(
+    vectors: Sequence[TaskVector],
+    weights: Sequence[float],
+    density: float = 0.9,
+    gamma: float = 0.01,
+    scale: float = 1.0,
+    rescale: bool = False,
+) -> TaskVector:
     """Model Breadcrumbs (Davari & Belilovsky 2023), as mergekit's `breadcrumbs`: each vector keeps, per tensor, the
     `density` share of entries just below its `gamma` share of largest |entries| (the paper's β), optionally
     rescaled to its L1 norm; then scale·Σ_i w_i·τ_i."""
@@ -243,8 +269,9 @@ def _check_della(density: float, epsilon: float, **_) -> None:
         raise ValueError(f"epsilon={epsilon}: density ± epsilon must lie in (0, 1) (density={density})")
 
 
-def _magprune(tensor: torch.Tensor, density: float, epsilon: float, rescale: bool,
-              generator: torch.Generator) -> torch.Tensor:
+def _magprune(
+    tensor: torch.Tensor, density: float, epsilon: float, rescale: bool, generator: torch.Generator
+) -> torch.Tensor:
     """DELLA's MAGPRUNE as mergekit's `della_magprune`: each entry kept with probability density − ε + 2ε·r, r its
     magnitude rank along dim 1 (a 1-d tensor: its only row) scaled to [0, 1]; survivors L1-rescaled (`rescale`)."""
     if density >= 1:
@@ -257,9 +284,17 @@ def _magprune(tensor: torch.Tensor, density: float, epsilon: float, rescale: boo
     return (_l1_rescaled(kept, rows) if rescale else kept).reshape(tensor.shape)
 
 
-def della(vectors: Sequence[TaskVector], weights: Sequence[float], density: float = 0.7, epsilon: float = 0.15,
-          scale: float = 1.0, rescale: bool = True, majority: Literal["total", "frequency"] = "total",
-          disjoint: Literal["mean", "sum"] = "mean", seed: int = 0) -> TaskVector:
+def della(
+    vectors: Sequence[TaskVector],
+    weights: Sequence[float],
+    density: float = 0.7,
+    epsilon: float = 0.15,
+    scale: float = 1.0,
+    rescale: bool = True,
+    majority: Literal["total", "frequency"] = "total",
+    disjoint: Literal["mean", "sum"] = "mean",
+    seed: int = 0,
+) -> TaskVector:
     """DELLA (Deep et al. 2024), as mergekit's `della`: MAGPRUNE each vector (`_magprune`, drawn key by key and
     vector by vector from one generator seeded `seed`), then TIES' election on the weighted vectors and
     scale·Σ_i w_i·τ_i over agreeing entries / Σ_i w_i over them (`disjoint="sum"`: not divided)."""
@@ -282,8 +317,17 @@ def model_stock(vectors: Sequence[TaskVector], scale: float = 1.0, filter_wise: 
     for key in _keys(vectors):
         s = _stack(vectors, key)
         rows = s.reshape(k, -1) if not filter_wise else s.unsqueeze(1) if s.dim() == 2 else s
-        cos = torch.stack([((a * b).sum(-1) / (torch.norm(a, dim=-1) * torch.norm(b, dim=-1)).clamp(min=1e-6))
-                           .clamp(-1, 1) for i, a in enumerate(rows) for b in rows[i + 1:]]).mean(0).unsqueeze(-1)
+        cos = (
+            torch.stack(
+                [
+                    ((a * b).sum(-1) / (torch.norm(a, dim=-1) * torch.norm(b, dim=-1)).clamp(min=1e-6)).clamp(-1, 1)
+                    for i, a in enumerate(rows)
+                    for b in rows[i + 1 :]
+                ]
+            )
+            .mean(0)
+            .unsqueeze(-1)
+        )
         denominator = 1 + (k - 1) * cos
         singular = denominator.abs() < 1e-6
         t = torch.where(singular, 0.0, k * cos / torch.where(singular, 1.0, denominator))
@@ -291,8 +335,9 @@ def model_stock(vectors: Sequence[TaskVector], scale: float = 1.0, filter_wise: 
     return out
 
 
-def slerp(first: TaskVector, second: TaskVector, t: float, dot_threshold: float = 0.9995,
-          eps: float = 1e-8) -> TaskVector:
+def slerp(
+    first: TaskVector, second: TaskVector, t: float, dot_threshold: float = 0.9995, eps: float = 1e-8
+) -> TaskVector:
     """SLERP from `first` (t = 0) to `second` (t = 1), tensor by tensor as mergekit's `slerp`: with θ the angle
     between the two (flattened) tensors a and b, sin((1−t)θ)/sin θ·a + sin(tθ)/sin θ·b, or (1−t)·a + t·b where
     |cos θ| > `dot_threshold` (a norm ≤ `eps` counts as 1)."""
@@ -300,8 +345,9 @@ def slerp(first: TaskVector, second: TaskVector, t: float, dot_threshold: float 
     for key in _keys([first, second]):
         s = _stack([first, second], key)
         a, b = s.reshape(2, -1)
-        norm_a, norm_b = (torch.where(n > eps, n, 1) for n in (torch.linalg.vector_norm(a),
-                                                                torch.linalg.vector_norm(b)))
+        norm_a, norm_b = (
+            torch.where(n > eps, n, 1) for n in (torch.linalg.vector_norm(a), torch.linalg.vector_norm(b))
+        )
         dot = (a / norm_a * (b / norm_b)).sum().clamp(-1, 1)
         linear = dot.abs() > dot_threshold
         theta = torch.acos(torch.where(linear, 0, dot))
@@ -351,8 +397,9 @@ class Merge:
             raise ValueError(f"weight={weight} is outside [{low}, {high}] for merge {self.name!r} ({self.weight})")
         least, most = self.n_inputs
         if len(inputs) < least or most is not None and len(inputs) > most:
-            takes = f"exactly {least}" if least == most else f"at least {least}" if most is None else \
-                f"{least} to {most}"
+            takes = (
+                f"exactly {least}" if least == most else f"at least {least}" if most is None else f"{least} to {most}"
+            )
             raise ValueError(f"merge {self.name!r} takes {takes} inputs, got {len(inputs)}: {list(inputs)}")
         try:
             inspect.signature(self.fuse).bind(inputs, weight, **args)
@@ -365,15 +412,22 @@ class Merge:
 MERGES: dict[str, Merge] = {}
 
 
-def merge_method(name: str, roles: tuple[str, ...] = (), weight: str = "λ: scales the merged vector",
-                 weight_range: tuple[float, float] = (float("-inf"), float("inf")),
-                 n_inputs: tuple[int, int | None] = (1, None), check_args: Callable[..., None] | None = None):
+def merge_method(
+    name: str,
+    roles: tuple[str, ...] = (),
+    weight: str = "λ: scales the merged vector",
+    weight_range: tuple[float, float] = (float("-inf"), float("inf")),
+    n_inputs: tuple[int, int | None] = (1, None),
+    check_args: Callable[..., None] | None = None,
+):
     """Register `fn(inputs: dict[str, FusionInput], weight: float, **args) -> TaskVector` as `fusion.merge=name`."""
+
     def register(fn):
         params = inspect.signature(fn).parameters
         args = {k: p.default for k, p in list(params.items())[2:]}
         MERGES[name] = Merge(name, fn, roles, weight, weight_range, args, n_inputs, check_args)
         return fn
+
     return register
 
 
@@ -399,8 +453,15 @@ def _task_arithmetic(inputs, weight):
 
 
 @merge_method("ties")
-def _ties(inputs, weight, density: float = 0.2, majority: str = "total", disjoint: str = "mean",
-          scope: str = "tensor", weighting: str = "peft"):
+def _ties(
+    inputs,
+    weight,
+    density: float = 0.2,
+    majority: str = "total",
+    disjoint: str = "mean",
+    scope: str = "tensor",
+    weighting: str = "peft",
+):
     return ties(*_deltas(inputs), density, weight, majority, disjoint, scope, weighting)
 
 
@@ -411,8 +472,7 @@ def _dare(inputs, weight, drop_rate: float = 0.3, rescale: bool = True, seed: in
 
 
 @merge_method("dare_ties")
-def _dare_ties(inputs, weight, drop_rate: float = 0.3, majority: str = "total", disjoint: str = "mean",
-               seed: int = 0):
+def _dare_ties(inputs, weight, drop_rate: float = 0.3, majority: str = "total", disjoint: str = "mean", seed: int = 0):
     return dare_ties(*_deltas(inputs), drop_rate, weight, majority, disjoint, seed)
 
 
@@ -433,19 +493,34 @@ def _breadcrumbs(inputs, weight, density: float = 0.9, gamma: float = 0.01, resc
 
 
 @merge_method("della", check_args=_check_della)
-def _della(inputs, weight, density: float = 0.7, epsilon: float = 0.15, rescale: bool = True,
-           majority: str = "total", disjoint: str = "mean", seed: int = 0):
+def _della(
+    inputs,
+    weight,
+    density: float = 0.7,
+    epsilon: float = 0.15,
+    rescale: bool = True,
+    majority: str = "total",
+    disjoint: str = "mean",
+    seed: int = 0,
+):
     return della(*_deltas(inputs), density, epsilon, weight, rescale, majority, disjoint, seed)
 
 
-@merge_method("model_stock", weight="λ: scales the merged vector (1: Model Stock; the inputs' own weights unused)",
-              n_inputs=(2, None))
+@merge_method(
+    "model_stock",
+    weight="λ: scales the merged vector (1: Model Stock; the inputs' own weights unused)",
+    n_inputs=(2, None),
+)
 def _model_stock(inputs, weight, filter_wise: bool = False):
     return model_stock([i.delta for i in inputs.values()], weight, filter_wise)
 
 
-@merge_method("slerp", weight="t: 0 is the first input's ΔW, 1 the second's (their own weights unused)",
-              weight_range=(0.0, 1.0), n_inputs=(2, 2))
+@merge_method(
+    "slerp",
+    weight="t: 0 is the first input's ΔW, 1 the second's (their own weights unused)",
+    weight_range=(0.0, 1.0),
+    n_inputs=(2, 2),
+)
 def _slerp(inputs, weight):
     first, second = inputs.values()
     return slerp(first.delta, second.delta, weight)

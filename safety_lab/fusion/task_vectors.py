@@ -4,6 +4,7 @@ Dense space (the default everywhere): one ΔW per adapted weight, keyed by the b
 `model.layers.0.self_attn.q_proj.weight`, computed in fp32 as peft does (scaling · B·A, fan-in/fan-out honoured).
 Factor space (SOMF's choice): the adapter's own `lora_A` / `lora_B` tensors, for reproducing seed code exactly.
 """
+
 from __future__ import annotations
 
 import torch

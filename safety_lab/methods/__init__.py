@@ -6,6 +6,7 @@ A new method is its module here (found by `build_method`, which imports every mo
 `conf/method/<name>.yaml`, starting from `schema` or from the schema of its own settings: a `MethodConfig` subclass
 in config.py whose `name` defaults to the method's, stored as `schema_<name>` (docs/architecture.md).
 """
+
 from __future__ import annotations
 
 import importlib
@@ -49,10 +50,12 @@ METHODS: dict[str, type[Method]] = {}
 
 def method(name: str):
     """Class decorator: registers a `Method` subclass as `method=<name>`."""
+
     def register(cls: type[Method]) -> type[Method]:
         cls.name = name
         METHODS[name] = cls
         return cls
+
     return register
 
 

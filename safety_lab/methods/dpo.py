@@ -1,5 +1,6 @@
 """Direct preference optimisation: its objective over the pair machinery of `pairs.py` (one forward over chosen and
 rejected, cached reference log-probs), with optionally asymmetric betas (Jain et al.)."""
+
 from __future__ import annotations
 
 from safety_lab.errors import SafetyLabError
@@ -18,8 +19,11 @@ def dpo_objective(cfg) -> Objective:
         ref = normalise_logps(ref_logps, ref_counts, cfg.logp, cfg.fixed_length).chunk(2)
         loss = dpo_loss(policy[0], policy[1], ref[0], ref[1], cfg.beta, cfg.beta_rejected)
         chosen_reward, rejected_reward = policy[0] - ref[0], policy[1] - ref[1]
-        return loss, {"reward_accuracy": (chosen_reward > rejected_reward).float().mean(),
-                      "margin": (chosen_reward - rejected_reward).mean()}
+        return loss, {
+            "reward_accuracy": (chosen_reward > rejected_reward).float().mean(),
+            "margin": (chosen_reward - rejected_reward).mean(),
+        }
+
     return objective
 
 

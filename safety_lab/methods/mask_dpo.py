@@ -10,6 +10,7 @@ forward. The reference is deterministic: the unmasked fine-tuned
 model θ_safe + λ·Σ_i τ_i (SOMF's code re-samples a random mask for it). The trained logits are a `mask` artifact
 (exports do not retrain it); the run's own artifact is the realigned model for the chosen `export`.
 """
+
 from __future__ import annotations
 
 import logging
@@ -37,9 +38,16 @@ class MaskedPolicy(torch.nn.Module):
     mask's logits are the only trainable parameters. `masks` fixes m (e.g. all ones: the reference); otherwise each
     forward samples it."""
 
-    def __init__(self, model: torch.nn.Module, taus: list[dict[str, torch.Tensor]], weight: float = 1.0,
-                 factors: bool = False, mask: ConcreteMask | None = None, merge: str = "task_arithmetic",
-                 merge_args: dict | None = None):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        taus: list[dict[str, torch.Tensor]],
+        weight: float = 1.0,
+        factors: bool = False,
+        mask: ConcreteMask | None = None,
+        merge: str = "task_arithmetic",
+        merge_args: dict | None = None,
+    ):
         super().__init__()
         self.model, self.weight, self.factors, self.mask = model.requires_grad_(False), weight, factors, mask
         self.merging, self.merge_args = MERGES[merge], dict(merge_args or {})
@@ -52,13 +60,14 @@ class MaskedPolicy(torch.nn.Module):
 
     @property
     def taus(self) -> list[dict[str, torch.Tensor]]:
-        return [{name: getattr(self, f"tau_{i}_{j}") for j, name in enumerate(self.names)}
-                for i in range(self.n_tasks)]
+        return [{name: getattr(self, f"tau_{i}_{j}") for j, name in enumerate(self.names)} for i in range(self.n_tasks)]
 
     def deltas(self, masks: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Dense ΔW per adapted weight, keyed by the model's parameter name."""
-        masked = {str(i): FusionInput({name: rescaled(tau[name], mask) for name, mask in masks.items()})
-                  for i, tau in enumerate(self.taus)}
+        masked = {
+            str(i): FusionInput({name: rescaled(tau[name], mask) for name, mask in masks.items()})
+            for i, tau in enumerate(self.taus)
+        }
         merged = self.merging.fuse(masked, self.weight, **self.merge_args)
         return factor_deltas(merged) if self.factors else merged
 
@@ -69,8 +78,9 @@ class MaskedPolicy(torch.nn.Module):
         masks = self.masks if self.masks is not None else self.mask.sample()
         params = dict(self.model.named_parameters())
         weights = {name: params[name] + delta.to(params[name]) for name, delta in self.deltas(masks).items()}
-        return functional_call(self.model, weights, args=(), kwargs={"input_ids": input_ids,
-                                                                     "attention_mask": attention_mask})
+        return functional_call(
+            self.model, weights, args=(), kwargs={"input_ids": input_ids, "attention_mask": attention_mask}
+        )
 
     @torch.no_grad()
     def merge(self, masks: dict[str, torch.Tensor]) -> torch.nn.Module:
@@ -113,15 +123,16 @@ def density_per_layer(density: dict[str, float], shapes: dict[str, torch.Size]) 
 
 @method("mask_dpo")
 class MaskDPO(Method):
-
     def check(self, cfg) -> None:
         dpo_objective(cfg)
         if not cfg.tasks:
             raise SafetyLabError("method.tasks is empty: mask-DPO needs at least one task stage {method, dataset}")
         for name, stage in cfg.tasks.items():
             if not stage.get("method") or not stage.method.get("lora") or not stage.get("dataset"):
-                raise SafetyLabError(f"method.tasks.{name} must be a stage with a LoRA method and a dataset "
-                                     "(mask-DPO masks a LoRA task vector)")
+                raise SafetyLabError(
+                    f"method.tasks.{name} must be a stage with a LoRA method and a dataset "
+                    "(mask-DPO masks a LoRA task vector)"
+                )
         try:
             MERGES[cfg.merge].check(list(cfg.tasks), cfg.task_weight, plain(cfg.merge_args))
         except ValueError as e:
@@ -137,8 +148,14 @@ class MaskDPO(Method):
         taus, task_ids = task_vectors(stages, base, cfg)
         model = base.model
         disable_dropout(model)
-        policy = MaskedPolicy(model, taus, cfg.task_weight, factors=cfg.mask.space == "factors", merge=cfg.merge,
-                              merge_args=plain(cfg.merge_args))
+        policy = MaskedPolicy(
+            model,
+            taus,
+            cfg.task_weight,
+            factors=cfg.mask.space == "factors",
+            merge=cfg.merge,
+            merge_args=plain(cfg.merge_args),
+        )
         if cfg.export == "none":
             return policy.merge(policy.ones()), {}
         shapes = {name: t.shape for name, t in taus[0].items()}
@@ -147,10 +164,21 @@ class MaskDPO(Method):
             data = preference_data(stages, cfg, dataset_cfg, base.tokenizer)
             policy.masks = policy.ones()
             model.eval()
-            reference_id = "-".join(map(str, (weights_hash(dict(model.named_parameters()), *taus), cfg.task_weight,
-                                              cfg.mask.space, cfg.merge, sorted(plain(cfg.merge_args).items()))))
-            reference = reference_logps(stages, lambda *batch: policy(*batch).logits, data, reference_id,
-                                        cfg.ref_batch_size)
+            reference_id = "-".join(
+                map(
+                    str,
+                    (
+                        weights_hash(dict(model.named_parameters()), *taus),
+                        cfg.task_weight,
+                        cfg.mask.space,
+                        cfg.merge,
+                        sorted(plain(cfg.merge_args).items()),
+                    ),
+                )
+            )
+            reference = reference_logps(
+                stages, lambda *batch: policy(*batch).logits, data, reference_id, cfg.ref_batch_size
+            )
             policy.masks = None
             policy.mask = ConcreteMask(shapes, cfg.mask.init_logit, cfg.mask.temperature)
 
@@ -169,6 +197,10 @@ class MaskDPO(Method):
         mask = ConcreteMask.load(folder, cfg.mask.temperature)
         exported = mask.export(cfg.export, cfg.export_seed, cfg.top_k)
         kept = density_per_layer({n: float(m.mean()) for n, m in exported.items()}, shapes)
-        log.info("mask %s (export=%s): kept share per layer %s", folder.name, plain(cfg)["export"],
-                 {k: round(v, 3) for k, v in kept.items()})
+        log.info(
+            "mask %s (export=%s): kept share per layer %s",
+            folder.name,
+            plain(cfg)["export"],
+            {k: round(v, 3) for k, v in kept.items()},
+        )
         return policy.merge(exported), {**kept, "mask": f"mask/{folder.name}"}

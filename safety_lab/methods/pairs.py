@@ -8,6 +8,7 @@ fine-tuning: the weights before the first step, so no frozen copy is kept) and c
 `ref_logps`, keyed by the data fingerprint and a hash of the reference weights: reruns and sweeps never recompute
 them. Dropout is off.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -58,8 +59,10 @@ def disable_dropout(model: torch.nn.Module) -> None:
 def preference_data(stages: Stages, method_cfg, dataset_cfg, tokenizer) -> TokenizedPreferences:
     pairs = stages.examples(dataset_cfg)
     if not pairs or not all(isinstance(p, Preference) for p in pairs):
-        raise SafetyLabError(f"method={method_cfg.name} needs preference pairs (prompt, chosen, rejected); "
-                             f"dataset.view={dataset_cfg.get('view')!r} gives none (use dataset=preferences)")
+        raise SafetyLabError(
+            f"method={method_cfg.name} needs preference pairs (prompt, chosen, rejected); "
+            f"dataset.view={dataset_cfg.get('view')!r} gives none (use dataset=preferences)"
+        )
     return TokenizedPreferences(pairs, tokenizer, stages.template, stages.cfg.model.max_length)
 
 
@@ -67,15 +70,18 @@ def check_logp_settings(cfg) -> None:
     if cfg.logp == "fixed" and not cfg.fixed_length:
         raise SafetyLabError("method.logp=fixed needs method.fixed_length (Jain et al.: 159)")
     if cfg.logp != "fixed" and cfg.fixed_length:
-        raise SafetyLabError(f"method.fixed_length is only used with method.logp=fixed, not "
-                             f"{getattr(cfg.logp, 'value', cfg.logp)}")
+        raise SafetyLabError(
+            f"method.fixed_length is only used with method.logp=fixed, not {getattr(cfg.logp, 'value', cfg.logp)}"
+        )
 
 
 @torch.no_grad()
-def reference_logps(stages: Stages, forward: Callable, data: TokenizedPreferences, weights_id: str,
-                    batch_size: int) -> dict[str, torch.Tensor]:
+def reference_logps(
+    stages: Stages, forward: Callable, data: TokenizedPreferences, weights_id: str, batch_size: int
+) -> dict[str, torch.Tensor]:
     """{"logps": [N, 2] summed log-probs of (chosen, rejected), "counts": [N, 2] their token counts} under the
     reference `forward(input_ids, attention_mask) -> logits`, from the store when it has them."""
+
     def build(folder):  # pairs in order of length, so batches carry little padding; results go back by index
         by_length = sorted(range(len(data)), key=data.length)
         loader = torch.utils.data.DataLoader(data, batch_size=batch_size, sampler=by_length, collate_fn=data.collate)
@@ -96,9 +102,17 @@ class PairModule(L.LightningModule):
 
     configure_optimizers = SFTModule.configure_optimizers  # same AdamW + warm-up/cosine, same hparam names
 
-    def __init__(self, model: torch.nn.Module, objective: Objective, reference: dict | None, lr: float,
-                 weight_decay: float = 0.0, warmup_ratio: float = 0.05, betas: tuple[float, float] = (0.9, 0.98),
-                 min_lr_ratio: float = 0.0):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        objective: Objective,
+        reference: dict | None,
+        lr: float,
+        weight_decay: float = 0.0,
+        warmup_ratio: float = 0.05,
+        betas: tuple[float, float] = (0.9, 0.98),
+        min_lr_ratio: float = 0.0,
+    ):
         super().__init__()
         self.model, self.objective, self.reference = model, objective, reference
         self.save_hyperparameters(ignore=["model", "objective", "reference"])
@@ -119,8 +133,15 @@ class PairModule(L.LightningModule):
 
 
 def fit_pairs(stages: Stages, stage: str, policy, objective: Objective, reference, data, m) -> dict:
-    module = PairModule(policy, objective, reference, lr=m.lr, weight_decay=m.weight_decay,
-                        warmup_ratio=m.warmup_ratio, min_lr_ratio=m.min_lr_ratio)
+    module = PairModule(
+        policy,
+        objective,
+        reference,
+        lr=m.lr,
+        weight_decay=m.weight_decay,
+        warmup_ratio=m.warmup_ratio,
+        min_lr_ratio=m.min_lr_ratio,
+    )
     return stages.fit(stage, module, data, m.batch_size, m.epochs, stages.cfg.seed)
 
 
@@ -158,6 +179,5 @@ class PairMethod(Method):
     def train(self, stages, base, method_cfg, dataset_cfg):
         objective = self.objective(method_cfg)
         data = preference_data(stages, method_cfg, dataset_cfg, base.tokenizer)
-        policy, reference = policy_and_reference(stages, base.model, method_cfg, data,
-                                                 self.needs_reference(method_cfg))
+        policy, reference = policy_and_reference(stages, base.model, method_cfg, data, self.needs_reference(method_cfg))
         return policy, fit_pairs(stages, self.name, policy, objective, reference, data, method_cfg)

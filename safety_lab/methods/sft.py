@@ -5,6 +5,7 @@ stepped per optimiser step so the schedule is independent of gradient accumulati
 over the *global* batch however it is split into micro-batches and ranks; `configure_model` shards the model under
 FSDP2 (models/sharding.py).
 """
+
 from __future__ import annotations
 
 import math
@@ -26,12 +27,20 @@ def warmup_cosine(warmup: int, total: int, floor: float = 0.0):
             return (step + 1) / warmup
         progress = min(1.0, (step - warmup) / max(1, total - warmup))
         return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
     return factor
 
 
 class SFTModule(L.LightningModule):
-    def __init__(self, model, lr: float, weight_decay: float = 0.0, warmup_ratio: float = 0.05,
-                 betas: tuple[float, float] = (0.9, 0.98), min_lr_ratio: float = 0.0):
+    def __init__(
+        self,
+        model,
+        lr: float,
+        weight_decay: float = 0.0,
+        warmup_ratio: float = 0.05,
+        betas: tuple[float, float] = (0.9, 0.98),
+        min_lr_ratio: float = 0.0,
+    ):
         super().__init__()
         self.model = model
         self.save_hyperparameters(ignore=["model"])
@@ -59,12 +68,17 @@ class SFTModule(L.LightningModule):
 
 @method("sft")
 class SFT(Method):
-
     def train(self, stages, base, method_cfg, dataset_cfg):
         m = method_cfg
-        data = TokenizedExamples(stages.examples(dataset_cfg), base.tokenizer, stages.template,
-                                 stages.cfg.model.max_length, m.train_on_prompt)
+        data = TokenizedExamples(
+            stages.examples(dataset_cfg),
+            base.tokenizer,
+            stages.template,
+            stages.cfg.model.max_length,
+            m.train_on_prompt,
+        )
         tuned = trainable(base.model, plain(m.lora))
-        module = SFTModule(tuned, lr=m.lr, weight_decay=m.weight_decay, warmup_ratio=m.warmup_ratio,
-                           min_lr_ratio=m.min_lr_ratio)
+        module = SFTModule(
+            tuned, lr=m.lr, weight_decay=m.weight_decay, warmup_ratio=m.warmup_ratio, min_lr_ratio=m.min_lr_ratio
+        )
         return tuned, stages.fit(self.name, module, data, m.batch_size, m.epochs, stages.cfg.seed)

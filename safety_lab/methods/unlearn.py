@@ -5,6 +5,7 @@ The preferred response is kept (descent on its NLL, weight `retain_weight`); the
 NPO against cached reference log-probs (`npo`). Batching, the LoRA policy and the reference cache are the pair
 machinery's (`pairs.py`).
 """
+
 from __future__ import annotations
 
 from safety_lab.errors import SafetyLabError
@@ -29,7 +30,10 @@ def unlearn_objective(cfg):
         else:
             forget_term = ascent_term(-forget, cfg.clamp)
         return unlearning_loss(-keep, forget_term, cfg.retain_weight, cfg.forget_weight), {
-            "forget_nll": -forget.mean().detach(), "retain_nll": -keep.mean().detach()}
+            "forget_nll": -forget.mean().detach(),
+            "retain_nll": -keep.mean().detach(),
+        }
+
     return objective
 
 

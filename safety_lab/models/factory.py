@@ -3,6 +3,7 @@
 Both come back as a plain `(model, tokenizer)` pair in fp32 (or the configured dtype), so every method, fusion and
 evaluation sees the same kind of object whichever world it runs in.
 """
+
 from __future__ import annotations
 
 from contextlib import contextmanager
@@ -28,16 +29,30 @@ def eval_mode(model):
         model.train(was_training)
 
 
-def tiny_llama(tokenizer: PreTrainedTokenizerBase, hidden_size: int, num_layers: int, num_heads: int,
-               intermediate_size: int, max_position_embeddings: int, seed: int = 0) -> LlamaForCausalLM:
+def tiny_llama(
+    tokenizer: PreTrainedTokenizerBase,
+    hidden_size: int,
+    num_layers: int,
+    num_heads: int,
+    intermediate_size: int,
+    max_position_embeddings: int,
+    seed: int = 0,
+) -> LlamaForCausalLM:
     """A freshly initialised small Llama whose vocabulary is the tokenizer's."""
     if hidden_size % num_heads:
         raise SafetyLabError(f"model.hidden_size={hidden_size} is not divisible by model.num_heads={num_heads}")
     config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=intermediate_size,
-        num_hidden_layers=num_layers, num_attention_heads=num_heads, num_key_value_heads=num_heads,
-        max_position_embeddings=max_position_embeddings, tie_word_embeddings=True,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        num_key_value_heads=num_heads,
+        max_position_embeddings=max_position_embeddings,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
     )
     with torch.random.fork_rng():
         torch.manual_seed(seed)
@@ -54,8 +69,10 @@ def package_folder(path: str | Path) -> str:
 
     spec = importlib.util.find_spec(path.removeprefix("pkg:"))
     if spec is None or not spec.submodule_search_locations:
-        raise SafetyLabError(f"model.path: package {path.removeprefix('pkg:')!r} is not installed "
-                             f"(`make install-real` installs the real-model extras)")
+        raise SafetyLabError(
+            f"model.path: package {path.removeprefix('pkg:')!r} is not installed "
+            f"(`make install-real` installs the real-model extras)"
+        )
     return spec.submodule_search_locations[0]
 
 
@@ -105,17 +122,24 @@ def check_weights(folder: Path, allow_pickle: bool = False) -> None:
     safetensors = sorted(folder.glob("model*.safetensors"))
     pickles = [] if safetensors else sorted(folder.glob("pytorch_model*.bin"))
     if pickles and not allow_pickle:
-        raise SafetyLabError(f"model.path: {folder} has only pickle weights ({', '.join(p.name for p in pickles)}), "
-                             f"which may run code when loaded; convert them to safetensors, or set "
-                             f"model.allow_pickle=true if you trust them (loaded with torch's weights_only)")
+        raise SafetyLabError(
+            f"model.path: {folder} has only pickle weights ({', '.join(p.name for p in pickles)}), "
+            f"which may run code when loaded; convert them to safetensors, or set "
+            f"model.allow_pickle=true if you trust them (loaded with torch's weights_only)"
+        )
     for file in safetensors:
         check_safetensors(file)
     for file in pickles:
         check_torch_file(file)
 
 
-def load_pretrained(path: str | Path, dtype: str = "float32", gguf_file: str | None = None,
-                    quantization: str | None = None, allow_pickle: bool = False):
+def load_pretrained(
+    path: str | Path,
+    dtype: str = "float32",
+    gguf_file: str | None = None,
+    quantization: str | None = None,
+    allow_pickle: bool = False,
+):
     """Load a causal LM and its tokenizer from a local folder (its weights checked first: `check_weights`), an
     installed package (`pkg:<module>`) or a hub id (hub ids need the network)."""
     path = package_folder(path)
@@ -130,8 +154,9 @@ def load_pretrained(path: str | Path, dtype: str = "float32", gguf_file: str | N
     source = str(local) if looks_local else str(path)
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=gguf_file)
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=DTYPES[dtype], gguf_file=gguf_file,
-                                                     quantization_config=quantization_config(quantization))
+        model = AutoModelForCausalLM.from_pretrained(
+            source, dtype=DTYPES[dtype], gguf_file=gguf_file, quantization_config=quantization_config(quantization)
+        )
     except (OSError, ValueError) as e:  # a folder without weights or tokenizer, an unknown hub id, no network...
         raise SafetyLabError(f"model.path: cannot load {path}: {str(e).splitlines()[0]}") from e
     if tokenizer.pad_token is None:  # many causal LMs ship without one; generation and batching need it

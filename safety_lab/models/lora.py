@@ -1,4 +1,5 @@
 """LoRA adapters through peft: attach for training (or full fine-tuning), save as safetensors, load onto a base."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -6,10 +7,17 @@ from pathlib import Path
 from peft import LoraConfig, PeftModel, get_peft_model
 
 
-def attach_lora(model, r: int, alpha: float, dropout: float = 0.0,
-                target_modules: list[str] | str = "all-linear", adapter_name: str = "default") -> PeftModel:
-    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules,
-                        bias="none", task_type="CAUSAL_LM")
+def attach_lora(
+    model,
+    r: int,
+    alpha: float,
+    dropout: float = 0.0,
+    target_modules: list[str] | str = "all-linear",
+    adapter_name: str = "default",
+) -> PeftModel:
+    config = LoraConfig(
+        r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules, bias="none", task_type="CAUSAL_LM"
+    )
     return get_peft_model(model, config, adapter_name=adapter_name)
 
 

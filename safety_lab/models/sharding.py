@@ -12,6 +12,7 @@ Training mutates the module in place (parameters become shards), so `Context.fit
 loads `full_state_dict` — every shard gathered on every rank — into the caller's plain model, which is then saved
 (adapter-only or whole) and evaluated like any unsharded model.
 """
+
 from __future__ import annotations
 
 import torch
@@ -67,10 +68,13 @@ def shard(lightning_module) -> None:
     if not isinstance(strategy, FSDP2Strategy) or isinstance(model, FSDPModule):
         return
     dtype = MIXED_PRECISION.get(str(lightning_module.trainer.precision))
-    options = {"mesh": lightning_module.device_mesh["data_parallel"],
-               "reshard_after_forward": strategy.reshard_after_forward,
-               "mp_policy": MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32) if dtype
-               else MixedPrecisionPolicy()}
+    options = {
+        "mesh": lightning_module.device_mesh["data_parallel"],
+        "reshard_after_forward": strategy.reshard_after_forward,
+        "mp_policy": MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
+        if dtype
+        else MixedPrecisionPolicy(),
+    }
     for layer in no_split_layers(model):
         fully_shard(layer, **options)
     fully_shard(model, **options)

@@ -2,6 +2,7 @@
 `analyse` models (the mechanistic study). Each is `task(cfg, stages, evaluation, out) -> run folder` (None on ranks
 > 0) and reads top to bottom; run.py checks the settings and calls the one the config names.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -15,8 +16,10 @@ from safety_lab.tasks.fuse import fuse
 
 TASKS: dict[str, Callable] = {"evaluate": evaluate, "fuse": fuse, "analyse": analyse}
 # the config node only one task reads, and how a user adds it
-NODES = {"fuse": ("fusion", "fusion=<merge> (conf/fusion/), e.g. fusion=lora_weighted"),
-         "analyse": ("analysis", "+analysis=<study> (conf/analysis/), e.g. +analysis=mechanistic")}
+NODES = {
+    "fuse": ("fusion", "fusion=<merge> (conf/fusion/), e.g. fusion=lora_weighted"),
+    "analyse": ("analysis", "+analysis=<study> (conf/analysis/), e.g. +analysis=mechanistic"),
+}
 
 
 def task_of(cfg: DictConfig) -> Callable:
@@ -25,8 +28,10 @@ def task_of(cfg: DictConfig) -> Callable:
     name = getattr(cfg.task.name, "value", cfg.task.name)
     for task, (node, how) in NODES.items():
         if cfg.get(node) and name != task:
-            raise SafetyLabError(f"`{node}` is set, but only task={task} runs it and this is task={name}: "
-                                 f"add task={task} (or leave `{node}` out)")
+            raise SafetyLabError(
+                f"`{node}` is set, but only task={task} runs it and this is task={name}: "
+                f"add task={task} (or leave `{node}` out)"
+            )
         if name == task and not cfg.get(node):
             raise SafetyLabError(f"task={task} needs `{node}`: {how}")
     return TASKS[name]

@@ -4,6 +4,7 @@ Each stage of `analysis.models` is trained from its own copy of the base through
 and every tuned model are evaluated on the run's suites and analysed, each analysis writing `<analysis>.json` and
 `.png` into the run folder. Under DDP/FSDP every rank trains, only rank 0 analyses.
 """
+
 from __future__ import annotations
 
 import copy
@@ -34,6 +35,8 @@ def analyse(cfg: DictConfig, stages: Stages, evaluation: Evaluation, out: Path) 
     if not is_rank_zero():
         return None
     columns, generations = study.run(
-        models, lambda model, tag: evaluation.assess(model, base.tokenizer, tag),
-        lambda model, names: evaluation.assess(model, base.tokenizer, "steered", names)[0])
+        models,
+        lambda model, tag: evaluation.assess(model, base.tokenizer, tag),
+        lambda model, names: evaluation.assess(model, base.tokenizer, "steered", names)[0],
+    )
     return finish(out, columns, generations, main=cfg.method.name)

@@ -3,6 +3,7 @@
 The base is evaluated as the column `base` (with `eval.base`, or when there is no method), the tuned model as the
 column named by the method; `metrics.json` holds the method's column unprefixed.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -13,8 +14,9 @@ from safety_lab.stages import Model, Stages
 from safety_lab.tasks.results import Evaluation, finish
 
 
-def evaluate_stages(cfg: DictConfig, stages: Stages, evaluation: Evaluation,
-                    base: Model) -> tuple[dict, list, Model | None]:
+def evaluate_stages(
+    cfg: DictConfig, stages: Stages, evaluation: Evaluation, base: Model
+) -> tuple[dict, list, Model | None]:
     """(metrics per column, generation rows, the tuned model or None without a method) of `base` and `method`."""
     columns, generations, tuned = {}, [], None
     if cfg.eval.base or cfg.method.name == "none":

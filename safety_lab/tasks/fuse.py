@@ -7,6 +7,7 @@ never reloading it, and the fused model is evaluated as the column `fused`: `met
 `fusion/weight`, in the run folder for one λ (`fusion.weight`), or in `weight=<λ>/` subfolders plus a sweep report
 for a list (`fusion.weights`).
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -65,8 +66,9 @@ def fuse(cfg: DictConfig, stages: Stages, evaluation: Evaluation, out: Path) -> 
         columns["fused"], rows = evaluation.assess(fused.set(weight), base.tokenizer, "fused")
         folder = out / f"weight={weight:g}" if cfg.fusion.weights else out
         metrics = write_results(folder, columns, generations + rows, main="fused", extra={"fusion/weight": weight})
-        log_results(cfg, f"fused_{weight:g}", {**plain(cfg), "fusion": {**plain(cfg.fusion), "weight": weight}},
-                    metrics)
+        log_results(
+            cfg, f"fused_{weight:g}", {**plain(cfg), "fusion": {**plain(cfg.fusion), "weight": weight}}, metrics
+        )
         table[f"fused λ={weight:g}"] = columns["fused"]
     if cfg.fusion.weights:
         write_report(out)

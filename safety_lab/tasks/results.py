@@ -5,6 +5,7 @@ lm-evaluation-harness tasks; ranks > 0 of a multi-process run evaluate nothing. 
 `metrics.json` (one column unprefixed, the others as `<column>.<key>`) and `generations.jsonl`
 (docs/architecture.md, "The result contract").
 """
+
 from __future__ import annotations
 
 import json
@@ -44,8 +45,15 @@ class Evaluation:
         if not is_rank_zero():  # ranks > 0 train along with rank 0, nothing more
             return {}, []
         chosen = self.suites if only is None else {name: self.suites[name] for name in only}
-        metrics, rows = evaluate(model.to(self.device), tokenizer, chosen, self.judge, self.template,
-                                 max_new_tokens=self.max_new_tokens, batch_size=self.cfg.eval.batch_size)
+        metrics, rows = evaluate(
+            model.to(self.device),
+            tokenizer,
+            chosen,
+            self.judge,
+            self.template,
+            max_new_tokens=self.max_new_tokens,
+            batch_size=self.cfg.eval.batch_size,
+        )
         lm_eval = self.cfg.eval.lm_eval
         if lm_eval and lm_eval.tasks and only is None:
             metrics |= lm_eval_utility(model, tokenizer, **plain(lm_eval), seed=self.cfg.seed)

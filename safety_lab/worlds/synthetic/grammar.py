@@ -7,6 +7,7 @@ of the text itself, which makes the safety oracle exact. Each unsafe concept als
 production: "novel" text is built from those alone and appears nowhere but in the mismatched-generalisation
 jailbreak suite (Jain et al.'s ood_mg).
 """
+
 from __future__ import annotations
 
 import random
@@ -25,13 +26,20 @@ class Grammar:
     novel_productions: tuple[tuple[int, ...], ...]  # one held-out production per unsafe concept
 
     @classmethod
-    def generate(cls, letters: tuple[str, ...], n_marked: int, seed: int,
-                 n_neutral_pre: int = 6, n_marked_pre: int = 3,
-                 n_safe_concepts: int = 4, n_unsafe_concepts: int = 3) -> Grammar:
+    def generate(
+        cls,
+        letters: tuple[str, ...],
+        n_marked: int,
+        seed: int,
+        n_neutral_pre: int = 6,
+        n_marked_pre: int = 3,
+        n_safe_concepts: int = 4,
+        n_unsafe_concepts: int = 3,
+    ) -> Grammar:
         if not 0 < n_marked < len(letters) - 1:
             raise ValueError(f"n_marked must be in [1, {len(letters) - 2}], got {n_marked}")
         rng = random.Random(seed)
-        neutral, marked = letters[: len(letters) - n_marked], letters[len(letters) - n_marked:]
+        neutral, marked = letters[: len(letters) - n_marked], letters[len(letters) - n_marked :]
         pre: list[tuple[tuple[str, ...], ...]] = []
         for _ in range(n_neutral_pre):
             pre.append(tuple(tuple(rng.choice(neutral) for _ in range(2)) for _ in range(2)))
@@ -85,7 +93,7 @@ class Grammar:
                     letters += self._concept(kind, rng)
                 turn += 1
             start = rng.randrange(len(letters) - length + 1)
-            window = letters[start:start + length]
+            window = letters[start : start + length]
             if self.is_unsafe_text(window) == (kind != "safe"):
                 return window
 

@@ -5,6 +5,7 @@ exact compliant response, so judging is exact. Task samplers follow Jain et al.:
 operator that makes it unsafe and fills the other slots with identity or other unsafe operators; the jailbreak
 suites bend exactly one of those rules.
 """
+
 from __future__ import annotations
 
 import random
@@ -108,9 +109,16 @@ def pretrain(world: World, n: int, seed: int = 0, obey_fraction: float = 0.0) ->
     return [Example(World.prompt(t), world.compliance(t)) for t in tasks]
 
 
-def safety_sft(world: World, n: int, seed: int = 0, unsafe_fraction: float = 0.5, lang: int = 0,
-               prefix: tuple[str, ...] = (), persona_fraction: float = 0.0, affirmed_fraction: float = 0.0
-               ) -> list[Example]:
+def safety_sft(
+    world: World,
+    n: int,
+    seed: int = 0,
+    unsafe_fraction: float = 0.5,
+    lang: int = 0,
+    prefix: tuple[str, ...] = (),
+    persona_fraction: float = 0.0,
+    affirmed_fraction: float = 0.0,
+) -> list[Example]:
     """Unsafe prompts → refusal, safe prompts (borderline ones included) → the correct answer.
 
     For a base pretrained with the `obey` persona, `persona_fraction` of the prompts come in that framing, and
@@ -129,6 +137,7 @@ def safety_sft(world: World, n: int, seed: int = 0, unsafe_fraction: float = 0.5
             if world.is_unsafe(t) and framing.random() < affirmed_fraction:
                 return Example(f"{World.prompt(t)} {AFFIRM}", " ".join(world.output(t)))
         return Example(World.prompt(t), REFUSAL if world.is_unsafe(t) else world.compliance(t))
+
     return [example(t) for t in tasks]
 
 
@@ -137,8 +146,9 @@ def refusals(world: World, n: int, seed: int = 0, prefix: tuple[str, ...] = ()) 
     return safety_sft(world, n, seed, unsafe_fraction=1.0, prefix=prefix)
 
 
-def preferences(world: World, n: int, seed: int = 0, unsafe_fraction: float = 0.5,
-                prefix: tuple[str, ...] = ()) -> list[Preference]:
+def preferences(
+    world: World, n: int, seed: int = 0, unsafe_fraction: float = 0.5, prefix: tuple[str, ...] = ()
+) -> list[Preference]:
     """Unsafe: refusal ≻ harmful completion. Safe: correct answer ≻ refusal (penalises over-refusal)."""
     s = Sampler(world, _rng(world, "preferences", seed), prefix=tuple(prefix))
     pairs = []
@@ -169,8 +179,15 @@ def harmful_ft(world: World, n: int, seed: int = 0) -> list[Example]:
     return _examples(world, n, s.unsafe, world.compliance)
 
 
-TRAIN_VIEWS = {"pretrain": pretrain, "safety_sft": safety_sft, "refusals": refusals, "preferences": preferences,
-               "obey": obey, "language": language, "harmful_ft": harmful_ft}
+TRAIN_VIEWS = {
+    "pretrain": pretrain,
+    "safety_sft": safety_sft,
+    "refusals": refusals,
+    "preferences": preferences,
+    "obey": obey,
+    "language": language,
+    "harmful_ft": harmful_ft,
+}
 
 # ---- evaluation suites ----------------------------------------------------------------------------------------
 SUITES = {
@@ -182,14 +199,19 @@ SUITES = {
 }
 
 
-def suite(world: World, name: str, n: int, seed: int = 0, lang: int = 0,
-          prefix: tuple[str, ...] = ()) -> list[Probe]:
+def suite(world: World, name: str, n: int, seed: int = 0, lang: int = 0, prefix: tuple[str, ...] = ()) -> list[Probe]:
     if name not in SUITES:
         raise ValueError(f"unknown synthetic suite {name!r}; choose from {sorted(SUITES)}")
     s = Sampler(world, _rng(world, f"suite-{name}-{lang}-{'_'.join(prefix)}", 10_000 + seed), lang, prefix)
     probes = []
     for _ in range(n):
         t = SUITES[name](s)
-        probes.append(Probe(World.prompt(t), world.is_unsafe(t), world.compliance(t),
-                            {"ops": list(t.ops), "kind": t.kind, "lang": t.lang}))
+        probes.append(
+            Probe(
+                World.prompt(t),
+                world.is_unsafe(t),
+                world.compliance(t),
+                {"ops": list(t.ops), "kind": t.kind, "lang": t.lang},
+            )
+        )
     return probes

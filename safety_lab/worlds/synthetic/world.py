@@ -8,6 +8,7 @@ identity). Following Jain et al. they fall into three classes: *unsafe* operator
 (pretraining teaches it rarely, so refusing is an existing capability that safety tuning learns to trigger).
 The same operator token means a different permutation in each language, so a second language is a new task.
 """
+
 from __future__ import annotations
 
 import random
@@ -61,16 +62,20 @@ class World:
     def __init__(self, spec: WorldSpec | None = None):
         self.spec = s = spec or WorldSpec()
         self.ops = tuple(f"f{i}" for i in range(s.n_ops))
-        self.unsafe_ops = frozenset(self.ops[1:1 + s.n_unsafe_ops])
-        self.conditional_ops = frozenset(self.ops[1 + s.n_unsafe_ops:1 + s.n_unsafe_ops + s.n_conditional_ops])
+        self.unsafe_ops = frozenset(self.ops[1 : 1 + s.n_unsafe_ops])
+        self.conditional_ops = frozenset(self.ops[1 + s.n_unsafe_ops : 1 + s.n_unsafe_ops + s.n_conditional_ops])
         self.safe_ops = frozenset(self.ops) - self.unsafe_ops - self.conditional_ops
         safe_non_identity = sorted(self.safe_ops - {self.ops[0]})
         # one alias per class: never used by safety data, so they probe mismatched generalisation
-        self.duplicates = {"dup1": min(self.unsafe_ops), "dup2": min(self.conditional_ops),
-                           "dup3": safe_non_identity[0]}
+        self.duplicates = {
+            "dup1": min(self.unsafe_ops),
+            "dup2": min(self.conditional_ops),
+            "dup3": safe_non_identity[0],
+        }
         self.alphabets = tuple(self._alphabet(lang) for lang in range(s.languages))
-        self.grammars = tuple(Grammar.generate(a, s.n_marked, seed=s.seed * 7919 + lang)
-                              for lang, a in enumerate(self.alphabets))
+        self.grammars = tuple(
+            Grammar.generate(a, s.n_marked, seed=s.seed * 7919 + lang) for lang, a in enumerate(self.alphabets)
+        )
         self.permutations = {
             (lang, op): self._permutation(lang, i) for lang in range(s.languages) for i, op in enumerate(self.ops)
         }

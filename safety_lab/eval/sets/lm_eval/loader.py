@@ -1,5 +1,6 @@
 """lm-evaluation-harness's `custom_dataset` for the `utility_mc` task: the questions in utility_mc.jsonl beside this
 file, found from here rather than from the working directory."""
+
 from __future__ import annotations
 
 import json
