@@ -8,7 +8,7 @@ and trainable LoRA weights of many layers in one unit costs the gradient memory 
 - FSDP1 (Lightning's `FSDPStrategy`, GPU only): the strategy wraps by `DecoderLayerPolicy`, also usable as its
   activation-checkpointing policy.
 
-Training mutates the module in place (parameters become shards), so `Context.fit` trains a copy and afterwards
+Training mutates the module in place (parameters become shards), so `Stages.fit` trains a copy and afterwards
 loads `full_state_dict` — every shard gathered on every rank — into the caller's plain model, which is then saved
 (adapter-only or whole) and evaluated like any unsharded model.
 """
