@@ -225,6 +225,31 @@ class LmEvalConfig:
     apply_chat_template: bool = False
 
 
+class BestMode(str, Enum):
+    max = "max"
+    min = "min"
+
+
+@dataclass
+class KeepBest:
+    """Publish the weights of the evaluated step where `metric` (`<suite>/<metric>`) is best, not the last step's."""
+
+    metric: str | None = None  # null: off (the last step's weights are published)
+    mode: BestMode = BestMode.max
+
+
+@dataclass
+class DuringTrainingConfig:
+    """Chosen suites evaluated every `every_n_steps` optimiser steps inside each stage's fit
+    (safety_lab/eval/during_training.py): curves in the logger, training_curves.csv/.png in the run folder."""
+
+    every_n_steps: int | None = None  # null: off
+    suites: list[str] | None = None  # names in eval.suites; null: all of them
+    n: int | None = None  # the first n prompts of each suite; null: the whole suite
+    save_checkpoints: bool = False  # keep each evaluated step's trained weights in <run>/checkpoints/ (.ckpt)
+    keep_best: KeepBest = field(default_factory=KeepBest)  # part of the stage's recipe when a metric is set
+
+
 @dataclass
 class EvalConfig:
     judge: str = "exact"
@@ -235,6 +260,7 @@ class EvalConfig:
     base: bool = True  # also evaluate the model before the method, reported under `base.`
     suites: dict[str, Any] = field(default_factory=dict)  # SuiteConfig each, checked by sources.checked_suite
     lm_eval: LmEvalConfig | None = None  # utility through lm-evaluation-harness, beside the suites
+    during_training: DuringTrainingConfig = field(default_factory=DuringTrainingConfig)
 
 
 @dataclass
@@ -323,6 +349,7 @@ AT_LEAST_ONE = (
     "lipschitz_n",
     "row_space_k",
     "threads",
+    "every_n_steps",
 )
 NON_NEGATIVE = ("weight_decay", "gradient_clip_val", "retain_weight", "forget_weight", "sparsity", "alpha")
 PROBABILITY = ("warmup_ratio", "min_lr_ratio", "dropout", "obey_fraction", "drop_rate", "density", "top_k", "energy")

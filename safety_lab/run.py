@@ -18,6 +18,7 @@ from omegaconf import DictConfig
 from safety_lab.config import check_values
 from safety_lab.distributed import job_threads
 from safety_lab.errors import SafetyLabError
+from safety_lab.eval.during_training import check_settings
 from safety_lab.methods import build_method
 from safety_lab.stages import Stages
 from safety_lab.tasks import task_of
@@ -42,6 +43,7 @@ def run(cfg: DictConfig) -> Path | None:
         raise SafetyLabError(f"trainer / strategy: {e} (of {cfg.trainer._target_})") from e
     stages = Stages(cfg)
     evaluation = Evaluation(cfg, stages.world, stages.template)
+    check_settings(cfg.eval, evaluation.judge.labels)  # eval.during_training
     if cfg.method.name != "none":
         build_method(cfg.method.name).check(cfg.method)
     return task(cfg, stages, evaluation, out)

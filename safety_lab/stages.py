@@ -30,6 +30,7 @@ from safety_lab.data.batching import ResumeState, global_batch_loader
 from safety_lab.data.collate import TokenizedExamples
 from safety_lab.data.template import PromptTemplate
 from safety_lab.errors import SafetyLabError
+from safety_lab.eval.during_training import during_training, enabled, keep_best_recipe
 from safety_lab.methods import build_method
 from safety_lab.methods.sft import SFTModule
 from safety_lab.models.factory import dequantise_gguf, load_pretrained, save_pretrained, tiny_llama
@@ -51,6 +52,20 @@ COSMETIC = {
     "enable_progress_bar",
     "num_sanity_val_steps",
 }
+
+
+@dataclass
+class Training:
+    """The stage `Stages.apply` is building: what evaluation during training needs beyond the fit's arguments."""
+
+    tokenizer: object
+    entry: str  # `<kind>/<hash>` the stage will be published as
+    base: str  # the id of the model it starts from
+    method: dict
+
+    @property
+    def info(self) -> dict:  # what python -m safety_lab.evaluate_checkpoints needs to rebuild the model
+        return {"base": self.base, "method": self.method}
 
 
 @dataclass
@@ -122,6 +137,7 @@ class Stages:
 
     def __init__(self, cfg: DictConfig):
         self.cfg = cfg
+        self.training: Training | None = None  # set by `apply` while a stage trains
 
     @cached_property
     def store(self) -> ArtifactStore:
@@ -144,7 +160,8 @@ class Stages:
         - anything trained on a base (`adapter`, `model`, `mask`): its inputs, the run's seed, prompt template and
           training settings, and the world when its data is synthetic (a mask's recipe always holds the world).
 
-        Settings that change no weights (logging, progress bars, checkpoint cadence, compile, thread count) stay out.
+        Settings that change no weights (logging, progress bars, checkpoint cadence, compile, thread count) stay out;
+        evaluation settings too, except `eval.during_training.keep_best` when set (it picks the published step).
         """
         if kind == "ref_logps":
             return inputs
@@ -162,6 +179,8 @@ class Stages:
             "template": plain(self.cfg.model.template),
             **training,
         }
+        if kind != "mask" and (keep_best := keep_best_recipe(self.cfg)):  # absent when off: hashes unchanged
+            recipe["keep_best"] = keep_best
         return {**recipe, **world} if kind == "mask" or recipe["dataset"].get("source") == "synthetic" else recipe
 
     def get_or_build(self, kind: str, build: Callable[[Path], dict | None], **inputs) -> Path:
@@ -198,6 +217,12 @@ class Stages:
             resume = resume_path(checkpoints / stage / "last.ckpt", cfg.ckpt_path)  # a corrupt one is set aside
             if resume:
                 log.info("resuming %s from %s", stage, resume)
+        training = self.training
+        during = training and during_training(
+            cfg, stage, training.entry, training.tokenizer, self.world, self.template, module, training.info
+        )
+        if during:  # chosen suites every N steps (eval/during_training.py)
+            callbacks.append(during)
         logger = instantiate(cfg.logger, name=stage)
         # outside a store build nothing resumes, so no Lightning default end-of-epoch checkpoint is written either
         trainer = instantiate(
@@ -220,25 +245,34 @@ class Stages:
             trainer.fit(trained, train_dataloaders=loader, ckpt_path=resume, weights_only=True)
         if trained is not module:
             module.load_state_dict(full_state_dict(trainer.strategy.model))
+        kept = during.finish(module) if during else {}  # keep_best: the best step's weights into `module`
         if hasattr(logger, "experiment") and hasattr(logger.experiment, "finish"):
             logger.experiment.finish()  # one W&B run per stage
-        return {k: float(v) for k, v in trainer.callback_metrics.items()}
+        return {k: float(v) for k, v in trainer.callback_metrics.items()} | kept
 
     def apply(self, base: Model, method_cfg, dataset_cfg) -> Model:
         """`base` with the stage (method_cfg on dataset_cfg) applied: trained on first use, loaded from the store
         afterwards. A LoRA stage returns `base.model` with the adapter attached (`.unload()` hands it back)."""
         method = build_method(method_cfg.name)
         trained = {}
+        kind, inputs = method.kind(method_cfg), {"base": base.id, "method": method_cfg, "dataset": dataset_cfg}
+        entry = entry_id(self.store.path(kind, self.recipe(kind, **inputs)))
 
         def build(folder: Path) -> dict:
             # every random draw of the stage (adapter initialisation, masks, data order, dropout) from its seed,
             # whatever this process did before (e.g. pretrained the base or reused it from the store)
             L.seed_everything(self.cfg.seed, workers=True, verbose=False)
-            trained["model"], metrics = method.train(self, base, method_cfg, dataset_cfg)
+            outer, self.training = self.training, Training(base.tokenizer, entry, base.id, plain(method_cfg))
+            try:
+                trained["model"], metrics = method.train(self, base, method_cfg, dataset_cfg)
+            finally:
+                self.training = outer  # a stage built inside another's build (mask-DPO's task adapters)
             method.save(trained["model"], base.tokenizer, folder)
             return metrics
 
-        folder = self.get_or_build(method.kind(method_cfg), build, base=base.id, method=method_cfg, dataset=dataset_cfg)
+        folder = self.get_or_build(kind, build, **inputs)
+        if not trained and enabled(self.cfg.get("eval")):
+            log.info("eval.during_training: %s is reused from the store, not trained, so it has no curve", entry)
         tuned = trained["model"] if trained else method.load(base.model, folder)
         return Model(tuned, base.tokenizer, entry_id(folder))
 
