@@ -142,6 +142,48 @@ class UnlearnConfig(MethodConfig):
     ref_batch_size: int = 64
 
 
+# Preference objectives beside DPO, each its own method with its paper's defaults (methods/dpo.py, reference_free.py,
+# kto.py), so `method=dpo` and every stored DPO recipe stay as they were.
+@dataclass
+class IPOConfig(DPOConfig):
+    name: str = "ipo"
+    beta: float = 0.1  # τ of Azar et al.
+    logp: LogProb = LogProb.mean  # TRL's IPO: per-token mean log-probs
+
+
+@dataclass
+class CDPOConfig(DPOConfig):
+    name: str = "cdpo"
+    label_smoothing: float = 0.1  # ε: the probability a preference label is flipped, in [0, 0.5)
+
+
+@dataclass
+class RobustDPOConfig(CDPOConfig):
+    name: str = "robust_dpo"
+
+
+@dataclass
+class SimPOConfig(MethodConfig):
+    name: str = "simpo"
+    beta: float = 2.0
+    gamma_beta_ratio: float = 0.5  # γ/β: the target margin γ is beta · gamma_beta_ratio
+
+
+@dataclass
+class ORPOConfig(MethodConfig):
+    name: str = "orpo"
+    odds_ratio_weight: float = 0.1  # λ of L_SFT + λ·L_OR
+
+
+@dataclass
+class KTOConfig(MethodConfig):
+    name: str = "kto"
+    beta: float = 0.1
+    desirable_weight: float = 1.0  # λ_D
+    undesirable_weight: float = 1.0  # λ_U
+    ref_batch_size: int = 64
+
+
 class MaskSpace(str, Enum):
     dense = "dense"  # one mask entry per entry of ΔW = B·A of each adapted weight
     factors = "factors"  # masks over the LoRA factors A and B separately (SOMF's code)

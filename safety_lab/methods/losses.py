@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -42,6 +44,19 @@ def normalise_logps(
     raise ValueError(f"unknown log-prob normalisation {how!r}; choose sum, mean or fixed")
 
 
+def dpo_margin(
+    policy_chosen: torch.Tensor,
+    policy_rejected: torch.Tensor,
+    ref_chosen: torch.Tensor,
+    ref_rejected: torch.Tensor,
+    beta: float = 0.1,
+    beta_rejected: float | None = None,
+) -> torch.Tensor:
+    """DPO's implicit reward margin β_c·(π_c − ref_c) − β_r·(π_r − ref_r), with β_r = β unless given."""
+    beta_rejected = beta if beta_rejected is None else beta_rejected
+    return beta * (policy_chosen - ref_chosen) - beta_rejected * (policy_rejected - ref_rejected)
+
+
 def dpo_loss(
     policy_chosen: torch.Tensor,
     policy_rejected: torch.Tensor,
@@ -52,9 +67,104 @@ def dpo_loss(
 ) -> torch.Tensor:
     """Sigmoid DPO: −mean log σ(β_c·(π_c − ref_c) − β_r·(π_r − ref_r)), with β_r = β unless given (Jain et al. use
     0.1 / 0.01)."""
-    beta_rejected = beta if beta_rejected is None else beta_rejected
-    margin = beta * (policy_chosen - ref_chosen) - beta_rejected * (policy_rejected - ref_rejected)
-    return -F.logsigmoid(margin).mean()
+    return -F.logsigmoid(
+        dpo_margin(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta, beta_rejected)
+    ).mean()
+
+
+def conservative_dpo_loss(
+    policy_chosen: torch.Tensor,
+    policy_rejected: torch.Tensor,
+    ref_chosen: torch.Tensor,
+    ref_rejected: torch.Tensor,
+    beta: float = 0.1,
+    label_smoothing: float = 0.1,
+    beta_rejected: float | None = None,
+) -> torch.Tensor:
+    """cDPO (Mitchell 2023, "A note on DPO with noisy preferences"): −mean[(1−ε)·log σ(m) + ε·log σ(−m)], m the DPO
+    margin: DPO against labels flipped with probability ε (TRL's `label_smoothing` of its sigmoid loss before 1.0)."""
+    margin = dpo_margin(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta, beta_rejected)
+    eps = label_smoothing
+    return (-(1 - eps) * F.logsigmoid(margin) - eps * F.logsigmoid(-margin)).mean()
+
+
+def robust_dpo_loss(
+    policy_chosen: torch.Tensor,
+    policy_rejected: torch.Tensor,
+    ref_chosen: torch.Tensor,
+    ref_rejected: torch.Tensor,
+    beta: float = 0.1,
+    label_smoothing: float = 0.1,
+    beta_rejected: float | None = None,
+) -> torch.Tensor:
+    """Robust DPO (Chowdhury et al. 2024; TRL's `robust`): −mean[(1−ε)·log σ(m) − ε·log σ(−m)] / (1 − 2ε),
+    the unbiased DPO loss under labels flipped with probability ε < 1/2, m the DPO margin."""
+    margin = dpo_margin(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta, beta_rejected)
+    eps = label_smoothing
+    return ((-(1 - eps) * F.logsigmoid(margin) + eps * F.logsigmoid(-margin)) / (1 - 2 * eps)).mean()
+
+
+def ipo_loss(
+    policy_chosen: torch.Tensor,
+    policy_rejected: torch.Tensor,
+    ref_chosen: torch.Tensor,
+    ref_rejected: torch.Tensor,
+    beta: float = 0.1,
+) -> torch.Tensor:
+    """IPO (Azar et al. 2024, eq. 17): mean((π_c − ref_c − (π_r − ref_r)) − 1/(2τ))², τ = β; TRL feeds it per-token
+    mean log-probs (`logp: mean`)."""
+    return (((policy_chosen - ref_chosen) - (policy_rejected - ref_rejected) - 1 / (2 * beta)) ** 2).mean()
+
+
+def simpo_loss(
+    chosen: torch.Tensor, rejected: torch.Tensor, beta: float = 2.0, gamma_beta_ratio: float = 0.5
+) -> torch.Tensor:
+    """SimPO (Meng et al. 2024): −mean log σ(β·(ā_c − ā_r) − γ), ā per-token mean log-probs, no reference,
+    γ = β·gamma_beta_ratio (TRL's CPOTrainer `simpo`, whose `simpo_gamma` is γ)."""
+    return -F.logsigmoid(beta * (chosen - rejected - gamma_beta_ratio)).mean()
+
+
+def log1mexp(x: torch.Tensor) -> torch.Tensor:
+    """log(1 − eˣ) for x < 0, stable on both sides of −log 2 (Mächler 2012); x = 0 is taken as the largest float
+    below it, so a probability of exactly 1 gives a large finite odds instead of inf."""
+    x = x.clamp(max=-torch.finfo(x.dtype).tiny)
+    return torch.where(x < -math.log(2), torch.log1p(-torch.exp(x)), torch.log(-torch.expm1(x)))
+
+
+def orpo_loss(
+    chosen: torch.Tensor, rejected: torch.Tensor, chosen_nll: torch.Tensor, odds_ratio_weight: float = 0.1
+) -> torch.Tensor:
+    """ORPO (Hong et al. 2024): NLL(chosen) − λ·mean log σ(log odds(ā_c) − log odds(ā_r)), odds(p) =
+    p/(1−p) of the per-token mean log-probs ā, no reference (TRL's ORPOTrainer.odds_ratio_loss, β = λ)."""
+    log_odds = (chosen - rejected) - (log1mexp(chosen) - log1mexp(rejected))
+    return chosen_nll - odds_ratio_weight * F.logsigmoid(log_odds).mean()
+
+
+def kto_reference_point(kl_logps: torch.Tensor, ref_kl_logps: torch.Tensor, average=None) -> torch.Tensor:
+    """KTO's reference point z₀ (Ethayarajh et al. 2024; TRL): max(0, mean(log π − log π_ref)) over mismatched
+    (prompt, completion) pairs, detached: an estimate of KL(π ‖ π_ref) that shifts the reward, not a gradient path.
+    `average` combines the batch means of several processes before the clamp (TRL's gather)."""
+    mean = (kl_logps - ref_kl_logps).mean().detach()
+    return (mean if average is None else average(mean)).clamp(min=0)
+
+
+def kto_loss(
+    logps: torch.Tensor,
+    ref_logps: torch.Tensor,
+    desirable: torch.Tensor,
+    reference_point: torch.Tensor,
+    beta: float = 0.1,
+    desirable_weight: float = 1.0,
+    undesirable_weight: float = 1.0,
+) -> torch.Tensor:
+    """KTO (Ethayarajh et al. 2024, eq. 7; TRL's KTOTrainer `kto`): mean over rows of λ_D·(1 − σ(β·(r − z₀))) for a
+    desirable row and λ_U·(1 − σ(β·(z₀ − r))) for an undesirable one, r = log π − log π_ref."""
+    reward = logps - ref_logps
+    return torch.where(
+        desirable,
+        desirable_weight * (1 - torch.sigmoid(beta * (reward - reference_point))),
+        undesirable_weight * (1 - torch.sigmoid(beta * (reference_point - reward))),
+    ).mean()
 
 
 def ascent_term(forget_nll: torch.Tensor, clamp: float | None = None) -> torch.Tensor:

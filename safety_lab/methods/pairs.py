@@ -1,12 +1,13 @@
 """What every method trained on preference pairs shares: one forward over chosen and rejected, and the reference.
 
 `PairModule` scores chosen and rejected responses in one forward pass ([chosen; rejected] along the batch) and
-hands their log-probs, with the reference's, to an objective built from the pure losses in `losses.py` (DPO's,
-unlearning's, mask-DPO's). The reference log-probs are computed once, before training, from the model as it is given
-(for a LoRA policy: the same weights with the adapter disabled, so there is one copy of the weights; for full
-fine-tuning: the weights before the first step, so no frozen copy is kept) and cached in the artifact store under
-`ref_logps`, keyed by the data fingerprint and a hash of the reference weights: reruns and sweeps never recompute
-them. Dropout is off.
+hands their log-probs, with the reference's, to an objective built from the pure losses in `losses.py` (DPO, IPO,
+cDPO, robust DPO, SimPO, ORPO, KTO, unlearning's, mask-DPO's). KTO's rows are unpaired: its "pair" is a row's
+completion and a mismatched one for the KL reference point (kto.py). The reference log-probs are computed once,
+before training, from the model as it is given (for a LoRA policy: the same weights with the adapter disabled, so
+there is one copy of the weights; for full fine-tuning: the weights before the first step, so no frozen copy is kept)
+and cached in the artifact store under `ref_logps`, keyed by the data fingerprint and a hash of the reference
+weights: reruns and sweeps never recompute them. Dropout is off.
 """
 
 from __future__ import annotations
@@ -35,7 +36,8 @@ if TYPE_CHECKING:
 
 REF_FILE = "ref_logps.safetensors"
 
-# objective(policy log-probs [2B], policy token counts [2B], reference log-probs [2B] or None, counts) -> (loss, logs)
+# objective(policy log-probs [2B], policy token counts [2B], reference log-probs [2B] or None, their counts, the
+# batch's row indices [B]) -> (loss, logs); the indices look up per-row data of the objective's own (KTO's labels)
 Objective = Callable[..., tuple[torch.Tensor, dict[str, torch.Tensor]]]
 
 
@@ -56,13 +58,18 @@ def disable_dropout(model: torch.nn.Module) -> None:
             module.p = 0.0
 
 
-def preference_data(stages: Stages, method_cfg, dataset_cfg, tokenizer) -> TokenizedPreferences:
+def preference_pairs(stages: Stages, method_cfg, dataset_cfg) -> list[Preference]:
     pairs = stages.examples(dataset_cfg)
     if not pairs or not all(isinstance(p, Preference) for p in pairs):
         raise SafetyLabError(
             f"method={method_cfg.name} needs preference pairs (prompt, chosen, rejected); "
             f"dataset.view={dataset_cfg.get('view')!r} gives none (use dataset=preferences)"
         )
+    return pairs
+
+
+def preference_data(stages: Stages, method_cfg, dataset_cfg, tokenizer) -> TokenizedPreferences:
+    pairs = preference_pairs(stages, method_cfg, dataset_cfg)
     return TokenizedPreferences(pairs, tokenizer, stages.template, stages.cfg.model.max_length)
 
 
@@ -123,7 +130,7 @@ class PairModule(L.LightningModule):
         ref = None
         if self.reference is not None:  # [B, 2] rows of the batch's pairs -> [2B] as (chosen; rejected)
             ref = [self.reference[k][batch["index"].cpu()].T.flatten().to(logps.device) for k in ("logps", "counts")]
-        loss, logs = self.objective(logps, counts, *(ref or (None, None)))
+        loss, logs = self.objective(logps, counts, *(ref or (None, None)), batch["index"])
         size = batch["index"].shape[0]
         self.log("train/loss", loss, prog_bar=True, batch_size=size)
         self.log_dict({f"train/{k}": v for k, v in logs.items()}, batch_size=size)

@@ -22,7 +22,7 @@ def unlearn_objective(cfg):
     if loss == "npo" and cfg.clamp is not None:
         raise SafetyLabError("method.clamp bounds gradient ascent; NPO is bounded already (leave clamp unset)")
 
-    def objective(logps, counts, ref_logps, ref_counts):
+    def objective(logps, counts, ref_logps, ref_counts, index):
         keep, forget = normalise_logps(logps, counts, cfg.logp, cfg.fixed_length).chunk(2)
         if loss == "npo":
             ref_forget = normalise_logps(ref_logps, ref_counts, cfg.logp, cfg.fixed_length).chunk(2)[1]
