@@ -142,8 +142,9 @@ class UnlearnConfig(MethodConfig):
     ref_batch_size: int = 64
 
 
-# Preference objectives beside DPO, each its own method with its paper's defaults (methods/dpo.py, reference_free.py,
-# kto.py), so `method=dpo` and every stored DPO recipe stay as they were.
+# Objectives beside DPO and `unlearn`'s, each its own method with its paper's defaults (methods/dpo.py,
+# reference_free.py, kto.py, unlearn.py, rmu.py), so `method=dpo`, `method=unlearn` and every stored recipe stay as they
+# were.
 @dataclass
 class IPOConfig(DPOConfig):
     name: str = "ipo"
@@ -182,6 +183,23 @@ class KTOConfig(MethodConfig):
     desirable_weight: float = 1.0  # λ_D
     undesirable_weight: float = 1.0  # λ_U
     ref_batch_size: int = 64
+
+
+@dataclass
+class SimNPOConfig(MethodConfig):
+    name: str = "simnpo"
+    beta: float = 2.5
+    gamma: float = 0.0  # the margin γ >= 0
+    retain_weight: float = 1.0
+    forget_weight: float = 1.0
+
+
+@dataclass
+class RMUConfig(MethodConfig):
+    name: str = "rmu"
+    layer: int = 1  # the decoder layer whose output is steered (WMDP: 7 of Zephyr-7B's 32)
+    steering_coeff: float = 6.5  # c: forget activations are pushed to c·u, u a fixed random unit vector
+    retain_weight: float = 1200.0  # α: weight of the retain activations' distance to the frozen model's
 
 
 class MaskSpace(str, Enum):

@@ -1,6 +1,6 @@
-"""The preference objectives beside DPO (IPO, cDPO, robust DPO, SimPO, ORPO, KTO): each loss against a hand computation
-and against TRL's own implementation on the same log-probs; each method's `train` run for a few steps on the tiny
-model, where its loss must fall."""
+"""The preference objectives beside DPO (IPO, cDPO, robust DPO, SimPO, ORPO, KTO) and the unlearning objectives beside
+NPO (SimNPO, RMU): each loss against a hand computation and, where TRL has it, against TRL's own implementation on the
+same log-probs; each method's `train` run for a few steps on the tiny model, where its loss must fall."""
 
 from __future__ import annotations
 
@@ -25,9 +25,13 @@ from safety_lab.methods.losses import (
     kto_loss,
     kto_reference_point,
     log1mexp,
+    masked_mse,
     orpo_loss,
+    rmu_control_vector,
+    rmu_loss,
     robust_dpo_loss,
     sequence_logps,
+    simnpo_term,
     simpo_loss,
 )
 
@@ -92,6 +96,37 @@ def test_kto_matches_hand_computation():
     expected = (1.0 * (1 - sig(0.1 * (1 - 0.3))) + 2.0 * (1 - sig(0.1 * (0.3 + 1))) + 1.0 * (1 - sig(0.1 * -0.3))) / 3
     loss = kto_loss(logps, ref, desirable, z0, beta=0.1, desirable_weight=1.0, undesirable_weight=2.0)
     assert loss.item() == pytest.approx(expected, **TOL)
+
+
+def test_simnpo_matches_hand_computation():
+    forget = torch.tensor([-0.4, -2.0])  # per-token mean log-probs
+    # (2/β)·mean softplus(β·ā + γ), β 2.5, γ 0.5: softplus(−0.5), softplus(−4.5)
+    expected = 2 / 2.5 * (log(1 + math.exp(-0.5)) + log(1 + math.exp(-4.5))) / 2
+    assert simnpo_term(forget, beta=2.5, gamma=0.5).item() == pytest.approx(expected, **TOL)
+    # as −(2/β)·log σ(−β·ā − γ)
+    assert simnpo_term(forget, 2.5, 0.5).item() == pytest.approx(-2 / 2.5 * (logsig(0.5) + logsig(4.5)) / 2, **TOL)
+
+
+def test_rmu_matches_hand_computation():
+    # two rows of three positions, hidden size 2; the mask keeps three forget and two retain positions
+    forget = torch.tensor([[[1.0, 2.0], [3.0, 0.0], [9.0, 9.0]], [[0.0, 0.0], [9.0, 9.0], [9.0, 9.0]]])
+    forget_mask = torch.tensor([[True, True, False], [True, False, False]])
+    control = torch.tensor([1.0, 1.0])
+    # squared errors: (0 + 1), (4 + 1), (1 + 1) over 3 positions × 2 units
+    assert masked_mse(forget, control, forget_mask).item() == pytest.approx(8 / 6)
+    retain = torch.tensor([[[1.0, 1.0], [2.0, 2.0]]])
+    frozen = torch.tensor([[[1.0, 0.0], [2.0, 2.0]]])
+    retain_mask = torch.tensor([[True, True]])
+    loss = rmu_loss(forget, retain, frozen, control, forget_mask, retain_mask, retain_weight=1200.0)
+    assert loss.item() == pytest.approx(8 / 6 + 1200 * 1 / 4)
+    # the unmasked case is F.mse_loss, as the WMDP code computes it
+    full = torch.ones(2, 3, dtype=torch.bool)
+    assert masked_mse(forget, control, full).item() == pytest.approx(
+        torch.nn.functional.mse_loss(forget, control.expand_as(forget)).item()
+    )
+    u = rmu_control_vector(8, 6.5, torch.Generator().manual_seed(0))
+    assert u.norm().item() == pytest.approx(6.5) and (u >= 0).all()
+    assert torch.equal(u, rmu_control_vector(8, 6.5, torch.Generator().manual_seed(0)))
 
 
 def test_kto_rows_and_mismatched_partners():
@@ -309,8 +344,11 @@ class FewSteps:
         ["method=simpo"],
         ["method=orpo"],
         ["method=kto"],
+        ["method=simnpo"],
+        ["method=rmu"],
+        ["method=rmu", "method.lora=null"],  # the frozen model is a copy
     ],
-    ids=["ipo", "cdpo", "robust_dpo", "simpo", "orpo", "kto"],
+    ids=["ipo", "cdpo", "robust_dpo", "simpo", "orpo", "kto", "simnpo", "rmu", "rmu-full"],
 )
 def test_a_few_steps_of_the_method_reduce_its_loss(overrides, tiny_hf_model, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -325,5 +363,16 @@ def test_a_few_steps_of_the_method_reduce_its_loss(overrides, tiny_hf_model, tmp
     with pytest.warns(UserWarning, match="self.log"):  # no Trainer here to log to
         tuned, metrics = method.train(FewSteps(cfg, tmp_path), base, cfg.method, cfg.dataset)
     assert math.isfinite(metrics["first"]) and metrics["last"] < metrics["first"], metrics
-    if cfg.method.name in ("simpo", "orpo"):  # reference-free: nothing cached
+    if cfg.method.name in ("simpo", "orpo", "simnpo", "rmu"):  # reference-free: nothing cached
         assert not (tmp_path / "ref_logps").exists()
+
+
+def test_an_rmu_layer_the_model_lacks_is_an_error(tiny_hf_model, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from safety_lab.methods.rmu import decoder_layer
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_hf_model)
+    assert decoder_layer(model, 1) is model.model.layers[1]
+    with pytest.raises(SafetyLabError, match=r"method.layer=2: the model has decoder layers 0\.\.1"):
+        decoder_layer(model, 2)

@@ -10,10 +10,11 @@ the prompts (every world-size-th one); the hits and counts behind every metric a
 training is the same with and without it (bit-identical weights, tested).
 
 Rank 0 logs the metrics as `eval/<suite>/<metric>` through the configured logger (CSV, W&B) at the step, appends one
-row per evaluation to `training_curves.csv` in the run folder and draws `training_curves.png` (metric vs step, one
-line per suite/metric). Optionally it keeps each evaluated step's trained weights as `<run>/checkpoints/<stage>/
-step=<step>.ckpt` (`save_checkpoints`, for `python -m safety_lab.evaluate_checkpoints`), and the weights of the best
-step by `keep_best.metric`, which `finish` puts back into the model so that they are what the store publishes.
+row per evaluation to `training_curves.csv` in the run folder (stage, entry, step, the seconds the evaluation took,
+every metric with its interval) and draws `training_curves.png` (metric vs step, one line per suite/metric).
+Optionally it keeps each evaluated step's trained weights as `<run>/checkpoints/<stage>-<kind>-<hash>/step=<step>.ckpt`
+(`save_checkpoints`, for `python -m safety_lab.evaluate_checkpoints`), and the weights of the best step by
+`keep_best.metric`, which `finish` puts back into the model so that they are what the store publishes.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import json
 import logging
 import math
 import random
+import time
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -325,7 +327,7 @@ class EvaluateDuringTraining(L.Callback):
     def evaluate(self, trainer, pl_module) -> None:
         from safety_lab.models.sharding import full_state_dict, is_sharded
 
-        step, self.last_step = trainer.global_step, trainer.global_step
+        step, self.last_step, start = trainer.global_step, trainer.global_step, time.perf_counter()
         keep = self.save or self.best_metric is not None
         with rng_preserved():
             if is_sharded(trainer.strategy):  # generate with the plain copy, the gathered weights loaded into it
@@ -356,7 +358,8 @@ class EvaluateDuringTraining(L.Callback):
             summed = self.totals.compute().cpu()  # summed over ranks
             self.totals.reset()
         metrics = metrics_from_totals({k: tuple(t.tolist()) for k, t in zip(self.keys, summed)}, self.judge.labels)
-        self.rows.append({"stage": self.stage, "entry": self.entry, "step": step, **metrics})
+        seconds = round(time.perf_counter() - start, 2)  # what the evaluation added to the fit
+        self.rows.append({"stage": self.stage, "entry": self.entry, "step": step, "seconds": seconds, **metrics})
         if self.best_metric is not None:
             value = metrics.get(self.best_metric, math.nan)
             better = self.best is None or (
@@ -370,9 +373,10 @@ class EvaluateDuringTraining(L.Callback):
         for logger in trainer.loggers:
             logger.log_metrics(shown, step=step)
         log.info(
-            "%s step %d: %s",
+            "%s step %d (evaluated in %.1f s): %s",
             self.stage,
             step,
+            seconds,
             ", ".join(f"{k} {v:.3f}" for k, v in metrics.items() if not k.endswith(("_ci_low", "_ci_high", "/n"))),
         )
         write_curves(self.out, self.rows)
@@ -494,7 +498,7 @@ def draw(rows: list[dict], path: Path, group: str = "entry", title: str = "evalu
     scales = [[k for k in keys if not k.endswith("_score")], [k for k in keys if k.endswith("_score")]]
     scales = [s for s in scales if s]
     fig, axes = plt.subplots(
-        len(groups), len(scales), figsize=(7 * len(scales), 4 * len(groups)), squeeze=False, constrained_layout=True
+        len(groups), len(scales), figsize=(9 * len(scales), 4 * len(groups)), squeeze=False, constrained_layout=True
     )
     for g, name in enumerate(groups):
         part = sorted((r for r in rows if r[group] == name), key=lambda r: r["step"])
@@ -511,7 +515,7 @@ def draw(rows: list[dict], path: Path, group: str = "entry", title: str = "evalu
                 (line,) = ax.plot(steps, [p[1] for p in points], marker="o", markersize=3, label=key)
                 if all(p[2] is not None and p[3] is not None for p in points):
                     ax.fill_between(
-                        steps, [p[2] for p in points], [p[3] for p in points], color=line.get_color(), alpha=0.12
+                        steps, [p[2] for p in points], [p[3] for p in points], color=line.get_color(), alpha=0.07
                     )
             ax.set_xlabel("optimiser step")
             ax.set_ylabel("rate" if s == 0 and not shown[0].endswith("_score") else "score")
@@ -519,8 +523,8 @@ def draw(rows: list[dict], path: Path, group: str = "entry", title: str = "evalu
                 ax.set_ylim(-0.02, 1.02)
             ax.set_title(f"{label} ({name})" if label != name else str(name), fontsize=9)
             ax.grid(alpha=0.3)
-            ax.legend(fontsize=7, loc="best")
-    fig.suptitle(title)
+            ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    fig.suptitle(f"{title} (shaded: Wilson 95% intervals)")
     tmp = path.with_name(f".{path.name}.tmp")
     fig.savefig(tmp, format="png", dpi=110)
     plt.close(fig)

@@ -173,6 +173,12 @@ def ascent_term(forget_nll: torch.Tensor, clamp: float | None = None) -> torch.T
     return -(forget_nll if clamp is None else forget_nll.clamp(max=clamp)).mean()
 
 
+def simnpo_term(forget_logps: torch.Tensor, beta: float = 2.5, gamma: float = 0.0) -> torch.Tensor:
+    """SimNPO (Fan et al. 2024): −(2/β)·mean log σ(−β·ā − γ) = (2/β)·mean softplus(β·ā + γ), ā = log π(y|x)/|y|
+    the per-token mean log-prob of the sequence to forget: NPO without a reference, margin γ."""
+    return 2.0 / beta * F.softplus(beta * forget_logps + gamma).mean()
+
+
 def npo_term(forget_logps: torch.Tensor, ref_forget_logps: torch.Tensor, beta: float = 0.1) -> torch.Tensor:
     """Negative preference optimisation: (2/β)·mean softplus(β·(log π − log π_ref)) = −(2/β)·mean log σ(−β·…)."""
     return 2.0 / beta * F.softplus(beta * (forget_logps - ref_forget_logps)).mean()
@@ -184,3 +190,35 @@ def unlearning_loss(
     """retain_weight · mean NLL(keep) + forget_weight · forget term. Gradient difference (Jain et al.) is
     1 · NLL(preferred) + 0.1 · ascent_term(dispreferred); pure gradient ascent has retain_weight 0."""
     return retain_weight * retain_nll.mean() + forget_weight * forget
+
+
+# ---- representation losses ---------------------------------------------------------------------------------
+def masked_mse(activations: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean squared error over the hidden units of the positions where `mask` ([B, T]) is true (`target` broadcasts
+    to [B, T, d]): `F.mse_loss` restricted to those positions."""
+    mask = mask.unsqueeze(-1).float()
+    squared = (activations.float() - target.float()) ** 2 * mask
+    return squared.sum() / (mask.sum() * activations.shape[-1]).clamp(min=1)
+
+
+def rmu_control_vector(hidden_size: int, steering_coeff: float = 6.5, generator=None) -> torch.Tensor:
+    """RMU's target c·u (Li et al. 2024): u a unit vector drawn once, uniform on [0, 1)^d then normalised, as the WMDP
+    code does."""
+    u = torch.rand(hidden_size, generator=generator)
+    return steering_coeff * u / u.norm()
+
+
+def rmu_loss(
+    forget: torch.Tensor,
+    retain: torch.Tensor,
+    frozen_retain: torch.Tensor,
+    control: torch.Tensor,
+    forget_mask: torch.Tensor,
+    retain_mask: torch.Tensor,
+    retain_weight: float = 1200.0,
+) -> torch.Tensor:
+    """RMU (Li et al. 2024, WMDP §5): mean‖h(x_f) − c·u‖²/d + α·mean‖h(x_r) − h_frozen(x_r)‖²/d, over the
+    masked positions of one layer's output h, c·u fixed (`rmu_control_vector`), α = retain_weight."""
+    return masked_mse(forget, control, forget_mask) + retain_weight * masked_mse(
+        retain, frozen_retain.detach(), retain_mask
+    )

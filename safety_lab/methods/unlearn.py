@@ -1,16 +1,18 @@
-"""Unlearning on preference pairs: gradient ascent, gradient difference (Jain et al.) and NPO.
+"""Unlearning on preference pairs: gradient ascent, gradient difference (Jain et al.) and NPO (`method=unlearn`),
+and SimNPO (`method=simnpo`, Fan et al. 2024).
 
 The preferred response is kept (descent on its NLL, weight `retain_weight`); the dispreferred one is forgotten
-(weight `forget_weight`) by ascent on its NLL (`ascent`, `graddiff`; optionally clamped so it cannot diverge) or by
-NPO against cached reference log-probs (`npo`). Batching, the LoRA policy and the reference cache are the pair
-machinery's (`pairs.py`).
+(weight `forget_weight`) by ascent on its NLL (`ascent`, `graddiff`; optionally clamped so it cannot diverge), by
+NPO against cached reference log-probs (`npo`), or by SimNPO, NPO without a reference on the per-token mean log-prob.
+Batching, the LoRA policy and the reference cache are the pair machinery's (`pairs.py`). RMU, which unlearns on
+activations rather than log-probs, is rmu.py.
 """
 
 from __future__ import annotations
 
 from safety_lab.errors import SafetyLabError
 from safety_lab.methods import method
-from safety_lab.methods.losses import ascent_term, normalise_logps, npo_term, unlearning_loss
+from safety_lab.methods.losses import ascent_term, normalise_logps, npo_term, simnpo_term, unlearning_loss
 from safety_lab.methods.pairs import PairMethod, check_logp_settings
 
 
@@ -43,3 +45,27 @@ class Unlearn(PairMethod):
 
     def needs_reference(self, cfg) -> bool:
         return cfg.loss == "npo"  # only NPO compares with the reference
+
+
+def simnpo_objective(cfg):
+    if cfg.gamma < 0:
+        raise SafetyLabError(f"method.gamma={cfg.gamma}: must be >= 0 (SimNPO's margin)")
+
+    def objective(logps, counts, ref_logps, ref_counts, index):
+        keep, forget = normalise_logps(logps, counts, "mean").chunk(2)
+        return unlearning_loss(-keep, simnpo_term(forget, cfg.beta, cfg.gamma), cfg.retain_weight, cfg.forget_weight), {
+            "forget_nll": -forget.mean().detach(),
+            "retain_nll": -keep.mean().detach(),
+        }
+
+    return objective
+
+
+@method("simnpo")
+class SimNPO(PairMethod):
+    """SimNPO on the dispreferred response, per-token NLL descent on the preferred; no reference."""
+
+    objective = staticmethod(simnpo_objective)
+
+    def needs_reference(self, cfg) -> bool:
+        return False
