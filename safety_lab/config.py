@@ -396,7 +396,7 @@ def register() -> None:
 
 # Numeric settings whose range is known, checked by key name wherever they occur (the run's method, the align, fusion
 # and mask-DPO task stages, datasets, suites, merge arguments); an unset (null) value keeps its default.
-POSITIVE = ("lr", "beta", "beta_rejected")
+POSITIVE = ("lr", "beta", "beta_rejected", "steering_coeff")
 AT_LEAST_ONE = (
     "epochs",
     "n",
@@ -411,9 +411,22 @@ AT_LEAST_ONE = (
     "threads",
     "every_n_steps",
 )
-NON_NEGATIVE = ("weight_decay", "gradient_clip_val", "retain_weight", "forget_weight", "sparsity", "alpha")
+NON_NEGATIVE = (
+    "weight_decay",
+    "gradient_clip_val",
+    "retain_weight",
+    "forget_weight",
+    "sparsity",
+    "alpha",
+    "gamma_beta_ratio",
+    "odds_ratio_weight",
+    "desirable_weight",
+    "undesirable_weight",
+    "layer",
+)
 PROBABILITY = ("warmup_ratio", "min_lr_ratio", "dropout", "obey_fraction", "drop_rate", "density", "top_k", "energy")
 RANGES = {
+    "label_smoothing": ("in [0, 0.5)", lambda v: 0 <= v < 0.5),  # cdpo, robust_dpo
     **{k: ("> 0", lambda v: v > 0) for k in POSITIVE},
     **{k: (">= 1", lambda v: v >= 1) for k in AT_LEAST_ONE},
     **{k: (">= 0", lambda v: v >= 0) for k in NON_NEGATIVE},

@@ -1,6 +1,7 @@
 """The preference objectives beside DPO (IPO, cDPO, robust DPO, SimPO, ORPO, KTO) and the unlearning objectives beside
 NPO (SimNPO, RMU): each loss against a hand computation and, where TRL has it, against TRL's own implementation on the
-same log-probs; each method's `train` run for a few steps on the tiny model, where its loss must fall."""
+same log-probs; each method's `train` run for a few steps on the tiny model, where its loss must fall; and their
+settings out of range as one line before anything loads."""
 
 from __future__ import annotations
 
@@ -9,9 +10,11 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from helpers import run_safety_lab
 from hydra import compose, initialize_config_dir
 from test_config import CONF
 
+from safety_lab.config import check_values
 from safety_lab.data.collate import IGNORE
 from safety_lab.data.records import Preference
 from safety_lab.data.template import PromptTemplate
@@ -367,6 +370,38 @@ def test_a_few_steps_of_the_method_reduce_its_loss(overrides, tiny_hf_model, tmp
         assert not (tmp_path / "ref_logps").exists()
 
 
+# ---- settings out of range -----------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["method=cdpo", "method.label_smoothing=0.5"], "method.label_smoothing=0.5: must be in [0, 0.5)"),
+        (["method=robust_dpo", "method.label_smoothing=-0.1"], "method.label_smoothing=-0.1: must be in [0, 0.5)"),
+        (["method=ipo", "method.beta=0"], "method.beta=0.0: must be > 0"),
+        (["method=ipo", "method.beta_rejected=0.01"], "method.beta_rejected: IPO has one regulariser"),
+        (["method=simpo", "method.beta=-2"], "method.beta=-2.0: must be > 0"),
+        (["method=simpo", "method.gamma_beta_ratio=-0.5"], "method.gamma_beta_ratio=-0.5: must be >= 0"),
+        (["method=orpo", "method.odds_ratio_weight=-0.1"], "method.odds_ratio_weight=-0.1: must be >= 0"),
+        (["method=kto", "method.undesirable_weight=-1"], "method.undesirable_weight=-1.0: must be >= 0"),
+        (
+            ["method=kto", "method.desirable_weight=0", "method.undesirable_weight=0"],
+            "method.desirable_weight and method.undesirable_weight are both 0",
+        ),
+        (["method=simnpo", "method.beta=0"], "method.beta=0.0: must be > 0"),
+        (["method=simnpo", "method.gamma=-1"], "method.gamma=-1.0: must be >= 0"),
+        (["method=rmu", "method.steering_coeff=0"], "method.steering_coeff=0.0: must be > 0"),
+        (["method=rmu", "method.retain_weight=-1"], "method.retain_weight=-1.0: must be >= 0"),
+        (["method=rmu", "method.layer=-1"], "method.layer=-1: must be >= 0"),
+    ],
+)
+def test_an_objective_setting_out_of_range_is_one_line_before_anything_loads(overrides, message):
+    """As `run.run` checks: the range tables by key name, then the method's `check`."""
+    cfg = method_config(*overrides)
+    with pytest.raises(SafetyLabError) as info:
+        check_values(cfg.method, "method")
+        build_method(cfg.method.name).check(cfg.method)
+    assert str(info.value).startswith(message) and "\n" not in str(info.value)
+
+
 def test_an_rmu_layer_the_model_lacks_is_an_error(tiny_hf_model, tmp_path):
     from transformers import AutoModelForCausalLM
 
@@ -376,3 +411,13 @@ def test_an_rmu_layer_the_model_lacks_is_an_error(tiny_hf_model, tmp_path):
     assert decoder_layer(model, 1) is model.model.layers[1]
     with pytest.raises(SafetyLabError, match=r"method.layer=2: the model has decoder layers 0\.\.1"):
         decoder_layer(model, 2)
+
+
+def test_the_cli_exits_2_with_one_line(tmp_path):
+    """A method's `check` runs in `run.run` after the range tables, still before any model or data loads."""
+    overrides = ["method=simnpo", "method.gamma=-1", "dataset=preferences", f"hydra.run.dir={tmp_path}"]
+    result = run_safety_lab(*overrides, store=tmp_path / "store")
+    assert result.returncode == 2
+    errors = [row for row in result.stderr.splitlines() if row.startswith("error: ")]
+    assert errors == ["error: method.gamma=-1.0: must be >= 0 (SimNPO's margin)"]
+    assert not (tmp_path / "store").exists() and not (tmp_path / "metrics.json").exists()
