@@ -384,3 +384,37 @@ def test_rates_under_ddp_and_fsdp_are_those_of_the_whole_suites(strategy, tmp_pa
         table = list(csv.DictReader(f))
     keys = [k for k in rows[0] if "/" in k and k != "entry"]
     assert [{k: float(r[k]) for k in keys} for r in rows] == [{k: float(r[k]) for k in keys} for r in table]
+
+
+@pytest.mark.slow
+def test_a_killed_fit_resumes_its_curve_and_its_best_step(tmp_path):
+    """SIGKILL while the adapter trains (checkpoints every step), then the same command: the curve of the resumed
+    run has every evaluation, the ones before the kill restored from the checkpoint, and the best step is chosen
+    among all of them."""
+    import glob
+    import signal
+    import time
+
+    args = (
+        "+experiment=quickstart",
+        "+debug=fast",
+        "dataset.n=1024",  # 32 steps
+        "ckpt_every_n_steps=1",
+        "trainer.enable_checkpointing=true",
+        "eval.during_training.every_n_steps=2",
+        "eval.during_training.keep_best.metric=harmful/refusal_rate",
+    )
+    store = tmp_path / "store"
+    process = run_safety_lab(*args, f"hydra.run.dir={tmp_path}/first", store=store, popen=True)
+    while not glob.glob(f"{store}/adapter/.ckpt-*/sft/last.ckpt"):
+        assert process.poll() is None, process.communicate()[1][-3000:]
+        time.sleep(0.02)
+    time.sleep(1.0)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    first = [int(r["step"]) for r in curve(tmp_path / "first")]
+    assert first and first[-1] < 32
+    result = run_safety_lab(*args, f"hydra.run.dir={tmp_path}/second", store=store)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "resuming sft from" in result.stderr and "sft: keeping step" in result.stderr
+    assert [int(r["step"]) for r in curve(tmp_path / "second")] == list(range(2, 33, 2))
