@@ -33,3 +33,28 @@ def run_safety_lab(
             command, cwd=REPO, env=environment, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
         )
     return subprocess.run(command, cwd=REPO, env=environment, capture_output=True, text=True, timeout=timeout)
+
+
+def fit_config(tmp_path: Path, accumulation: int = 1, checkpointing: bool = False, **top) -> dict:
+    """The least config `Stages.fit` needs: a CPU Trainer, one process, a CSV logger and a store in `tmp_path`;
+    `top` adds or replaces top-level keys (e.g. `ckpt_path`, `model`, `eval`)."""
+    return {
+        "trainer": {
+            "_target_": "lightning.pytorch.Trainer",
+            "accelerator": "cpu",
+            "precision": "32-true",
+            "gradient_clip_val": 1.0,
+            "accumulate_grad_batches": accumulation,
+            "enable_checkpointing": checkpointing,
+            "enable_progress_bar": False,
+            "enable_model_summary": False,
+            "log_every_n_steps": 1,
+        },
+        "strategy": {"strategy": "auto", "devices": 1, "num_nodes": 1},
+        "logger": {"_target_": "lightning.pytorch.loggers.CSVLogger", "save_dir": str(tmp_path), "name": "logs"},
+        "paths": {"output_dir": str(tmp_path), "artifacts": str(tmp_path / "store")},
+        "model": {},
+        "ckpt_path": None,
+        "ckpt_every_n_steps": 1,
+        **top,
+    }

@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from conftest import build_tiny_llama, build_tiny_tokenizer
-from helpers import run_safety_lab
+from helpers import fit_config, run_safety_lab
 from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
@@ -108,24 +108,7 @@ def test_a_sound_checkpoint_resumes(tmp_path):
 def fit_in_store(tmp_path, ckpt_path: str, seen: list):
     """One tiny training step inside a store build whose stage already has a corrupt last.ckpt."""
     tokenizer = build_tiny_tokenizer()
-    cfg = OmegaConf.create(
-        {
-            "trainer": {
-                "_target_": "lightning.pytorch.Trainer",
-                "accelerator": "cpu",
-                "accumulate_grad_batches": 1,
-                "enable_checkpointing": True,
-                "enable_progress_bar": False,
-                "enable_model_summary": False,
-            },
-            "strategy": {"strategy": "auto", "devices": 1},
-            "paths": {"output_dir": str(tmp_path / "run"), "artifacts": str(tmp_path / "store")},
-            "logger": {"_target_": "lightning.pytorch.loggers.CSVLogger", "save_dir": str(tmp_path / "run")},
-            "model": {},
-            "ckpt_path": ckpt_path,
-            "ckpt_every_n_steps": 1,
-        }
-    )
+    cfg = OmegaConf.create(fit_config(tmp_path, checkpointing=True, ckpt_path=ckpt_path))
     stages = Stages(cfg)
     store = stages.store
     entry = store.path("adapter", {})

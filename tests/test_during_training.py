@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import SENTENCES, build_tiny_llama, build_tiny_tokenizer
-from helpers import REPO, run_safety_lab
+from helpers import REPO, fit_config, run_safety_lab
 from omegaconf import OmegaConf
 from test_recipes import base_id, composed, stage_id
 
@@ -38,7 +38,7 @@ from safety_lab.eval.during_training import (
     statistics,
 )
 from safety_lab.eval.evaluate import evaluate
-from safety_lab.eval.judges import Judgement, KeywordJudge, register
+from safety_lab.eval.judges import JUDGES, Judgement, KeywordJudge
 from safety_lab.eval.metrics import PREFERENCE_LABELS, suite_metrics
 from safety_lab.methods.sft import SFTModule
 from safety_lab.models.lora import trainable
@@ -49,7 +49,6 @@ LORA = {"r": 4, "alpha": 8.0, "dropout": 0.1, "target_modules": "all-linear"}  #
 KEYWORDS = ["a", "s"]  # what the tiny model says at step 3 often contains them; by step 6 it says almost nothing
 
 
-@register
 class RandomDrawingJudge(KeywordJudge):
     """The keyword judge, drawing from every RNG as it judges: were the RNG states not restored after an evaluation,
     the dropout masks of the following training steps would change."""
@@ -59,6 +58,12 @@ class RandomDrawingJudge(KeywordJudge):
     def judge(self, probes, responses):
         random.random(), np.random.rand(), torch.rand(3)
         return super().judge(probes, responses)
+
+
+@pytest.fixture(autouse=True)
+def random_drawing_judge(monkeypatch):
+    """Registered for this module's tests only, so other modules see the registry as shipped."""
+    monkeypatch.setitem(JUDGES, RandomDrawingJudge.name, RandomDrawingJudge)
 
 
 # ---- metrics from hits and counts, summed over shards (pure) -------------------------------------------------------
@@ -169,26 +174,11 @@ def fit(tmp_path: Path, every: int | None, keep_best: str | None = None, save: b
         [Example(SENTENCES[i], SENTENCES[i + 1]) for i in range(0, 32, 2)], tokenizer, max_length=64
     )
     cfg = OmegaConf.create(
-        {
-            "trainer": {
-                "_target_": "lightning.pytorch.Trainer",
-                "accelerator": "cpu",
-                "precision": "32-true",
-                "gradient_clip_val": 1.0,
-                "accumulate_grad_batches": 1,
-                "enable_checkpointing": False,
-                "enable_progress_bar": False,
-                "enable_model_summary": False,
-                "log_every_n_steps": 1,
-            },
-            "strategy": {"strategy": "auto", "devices": 1, "num_nodes": 1},
-            "logger": {"_target_": "lightning.pytorch.loggers.CSVLogger", "save_dir": str(tmp_path), "name": "logs"},
-            "paths": {"output_dir": str(tmp_path), "artifacts": str(tmp_path / "store")},
-            "model": {"compile_min_steps": None, "template": {}},
-            "world": {},
-            "ckpt_path": None,
-            "ckpt_every_n_steps": 1,
-            "eval": {
+        fit_config(
+            tmp_path,
+            model={"compile_min_steps": None, "template": {}},
+            world={},
+            eval={
                 "judge": RandomDrawingJudge.name,
                 "judge_args": {"keywords": KEYWORDS},
                 "n": 12,
@@ -203,7 +193,7 @@ def fit(tmp_path: Path, every: int | None, keep_best: str | None = None, save: b
                     "keep_best": {"metric": keep_best, "mode": "max"},
                 },
             },
-        }
+        )
     )
     stages = Stages(cfg)
     stages.training = Training(tokenizer, "adapter/0123456789abcdef", "base/tiny", {"name": "sft", "lora": LORA})

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 from conftest import build_tiny_llama, build_tiny_tokenizer
-from helpers import run_safety_lab
+from helpers import fit_config, run_safety_lab
 from omegaconf import OmegaConf
 from test_config import compose_resolved
 
@@ -59,24 +59,7 @@ def test_cli_refuses_a_negative_learning_rate_before_anything_loads(tmp_path):
 
 def test_a_diverging_fit_stops_naming_stage_step_and_loss_and_publishes_nothing(tmp_path):
     tokenizer = build_tiny_tokenizer()
-    cfg = OmegaConf.create(
-        {
-            "trainer": {
-                "_target_": "lightning.pytorch.Trainer",
-                "accelerator": "cpu",
-                "accumulate_grad_batches": 1,
-                "enable_checkpointing": False,
-                "enable_progress_bar": False,
-                "enable_model_summary": False,
-            },
-            "strategy": {"strategy": "auto", "devices": 1},
-            "paths": {"output_dir": str(tmp_path / "run"), "artifacts": str(tmp_path / "store")},
-            "logger": {"_target_": "lightning.pytorch.loggers.CSVLogger", "save_dir": str(tmp_path / "run")},
-            "model": {},
-            "ckpt_path": None,
-            "ckpt_every_n_steps": 1,
-        }
-    )
+    cfg = OmegaConf.create(fit_config(tmp_path))
     stages = Stages(cfg)
     data = TokenizedExamples([Example("a b", "c d")] * 32, tokenizer, max_length=16)
 

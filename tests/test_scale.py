@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import SENTENCES, build_tiny_llama, build_tiny_tokenizer
-from helpers import REPO, run_safety_lab
+from helpers import REPO, fit_config, run_safety_lab
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
@@ -79,25 +79,9 @@ def fit_tiny(
     examples = [Example(SENTENCES[i], SENTENCES[i + 1]) for i in range(0, 32, 2)]  # 16 rows of unequal length
     data = TokenizedExamples(examples, tokenizer, max_length=64)
     cfg = OmegaConf.create(
-        {
-            "trainer": {
-                "_target_": "lightning.pytorch.Trainer",
-                "accelerator": "cpu",
-                "precision": "32-true",
-                "gradient_clip_val": 1.0,
-                "accumulate_grad_batches": accumulation,
-                "enable_checkpointing": checkpointing,
-                "enable_progress_bar": False,
-                "enable_model_summary": False,
-                "log_every_n_steps": 1,
-            },
-            "strategy": {"strategy": "auto", "devices": 1, "num_nodes": 1},
-            "logger": {"_target_": "lightning.pytorch.loggers.CSVLogger", "save_dir": str(tmp_path), "name": "logs"},
-            "paths": {"output_dir": str(tmp_path), "artifacts": str(tmp_path / "store")},
-            "model": {"compile_min_steps": compile_min_steps},
-            "ckpt_path": "last",
-            "ckpt_every_n_steps": 1,
-        }
+        fit_config(
+            tmp_path, accumulation, checkpointing, model={"compile_min_steps": compile_min_steps}, ckpt_path="last"
+        )
     )
     model = build_tiny_llama(len(tokenizer))
     Stages(cfg).fit("sft", SFTModule(model, lr=1e-2, warmup_ratio=0.0), data, batch_size, epochs=2, seed=0)
