@@ -126,7 +126,7 @@ class StopOnNonFinite(L.Callback):
 
     def on_before_optimizer_step(self, trainer, module, optimizer):
         grads = [p.grad for p in module.parameters() if p.grad is not None]
-        if grads and not torch.isfinite(torch.stack(torch._foreach_norm(grads))).all():
+        if grads and not torch.isfinite(torch.nn.utils.get_total_norm(grads)):
             self.fail(trainer, "a gradient")
 
 
