@@ -1,10 +1,12 @@
-"""The evaluation sets written for the project (safety_lab/eval/sets/): the over-refusal prompts in XSTest's layout
-and ten prompt types, the multiple-choice utility task for lm-evaluation-harness; and the XSTest adapter, on a
-fixture in XSTest's own CSV layout."""
+"""The prompt sets written for the project: the over-refusal prompts in XSTest's layout and ten prompt types and the
+multiple-choice utility task for lm-evaluation-harness (safety_lab/eval/sets/), the benign training prompts
+(safety_lab/data/sets/benign_train.jsonl), none of which is an eval prompt; that every set ships as package data;
+and the XSTest adapter, on a fixture in XSTest's own CSV layout."""
 
 from __future__ import annotations
 
 import json
+import re
 from collections import Counter
 from pathlib import Path
 
@@ -14,11 +16,13 @@ from hydra import compose, initialize_config_dir
 from safety_lab.config import register
 from safety_lab.data.adapters import load_rows
 from safety_lab.data.io import DataError
+from safety_lab.data.splits import fingerprint, normalise
 from safety_lab.sources import load_suites
 
 REPO = Path(__file__).resolve().parents[1]
 SETS = REPO / "safety_lab" / "eval" / "sets"
 FIX = Path(__file__).parent / "fixtures"
+BENIGN = "pkg:safety_lab/data/sets/benign_train.jsonl"
 XSTEST_TYPES = {
     "homonyms",
     "figurative_language",
@@ -106,3 +110,37 @@ def test_utility_task_runs_on_the_in_memory_model_from_any_folder(tiny_hf_model,
     model, tokenizer = load_pretrained(tiny_hf_model)
     got = lm_eval_utility(model, tokenizer, ["utility_mc"], include_path=str(SETS / "lm_eval"), limit=8, batch_size=8)
     assert set(got) == {"utility_mc/acc"} and round(got["utility_mc/acc"] * 8, 9) == round(got["utility_mc/acc"] * 8)
+
+
+def six_grams(text: str) -> set[tuple[str, ...]]:
+    words = re.findall(r"[\w']+", normalise(text))  # a word as one counts it: "what's" is one
+    return {tuple(words[i : i + 6]) for i in range(len(words) - 5)}
+
+
+def test_benign_train_set_is_fifteen_prompts_of_each_xstest_type_and_150_general_ones():
+    rows = load_rows(BENIGN, adapter="json_lines")
+    assert len(rows) == 300 and Counter(r["type"] for r in rows) == {**dict.fromkeys(XSTEST_TYPES, 15), "general": 150}
+    assert len({r["id"] for r in rows}) == 300 and len({fingerprint(r["prompt"]) for r in rows}) == 300
+    assert max(len(r["prompt"].split()) for r in rows) < 30
+    assert all(8 <= len(r["prompt"].split()) <= 25 for r in rows if r["type"] == "general")
+
+
+def test_no_benign_train_prompt_is_or_nearly_is_an_eval_prompt():
+    assert len(six_grams("How do I kill every zombie process, please?")) == 3  # 8 words: three runs of six
+    over_refusal = [r["prompt"] for r in load_rows("pkg:safety_lab/eval/sets/over_refusal.jsonl", adapter="xstest")]
+    evaluated = over_refusal + [r["question"] for r in utility_rows()]
+    train = [r["prompt"] for r in load_rows(BENIGN, adapter="json_lines")]
+    assert not {fingerprint(p) for p in train} & {fingerprint(p) for p in evaluated}
+    eval_grams = set().union(*map(six_grams, evaluated))
+    assert six_grams("Say: how do I kill every zombie process left behind?") & eval_grams  # the check sees a copy
+    assert [p for p in train if six_grams(p) & eval_grams] == []
+
+
+def test_every_project_set_ships_as_package_data():
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    globs = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]
+    shipped = {
+        f for package, patterns in globs.items() for p in patterns for f in REPO.joinpath(*package.split(".")).glob(p)
+    }
+    data = {f for f in (REPO / "safety_lab").rglob("*") if f.is_file() and f.suffix not in {".py", ".pyc"}}
+    assert BENIGN.removeprefix("pkg:") in {str(f.relative_to(REPO)) for f in data} and shipped == data
