@@ -254,6 +254,7 @@ class DatasetConfig:
     prompt_key: str = "prompt"
     response_key: str = "response"
     preferences: bool = False  # file: rows are (prompt, chosen, rejected) preference pairs
+    label_key: str | None = None  # file: rows are unpaired (prompt, completion: response_key, this boolean column)
 
 
 @dataclass

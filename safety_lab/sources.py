@@ -19,12 +19,22 @@ from safety_lab.worlds.synthetic.world import World
 
 
 def load_examples(cfg, world: World) -> list:
-    """Training records (`Example`s, or `Preference`s for preference views) for a `dataset` config."""
+    """Training records (`Example`s, `Preference`s or `UnpairedPreference`s, by the view or the file's layout) for a
+    `dataset` config."""
     if cfg.source == Source.synthetic:
         if cfg.view not in views.TRAIN_VIEWS:
             raise SafetyLabError(f"dataset.view={cfg.view!r} is not one of {sorted(views.TRAIN_VIEWS)}")
         return views.TRAIN_VIEWS[cfg.view](world, cfg.n, seed=cfg.seed, **cfg.args)
+    if cfg.preferences and cfg.label_key:
+        raise SafetyLabError(
+            f"dataset.preferences=true and dataset.label_key={cfg.label_key!r}: a file holds preference pairs or "
+            "unpaired rows, not both"
+        )
     rows = load_rows(_required(cfg.path, "dataset.path"), cfg.split, cfg.adapter, cfg.args, source="dataset")
+    if cfg.label_key:  # cut to n first: the rows kept must hold both labels (exports often list one kind first)
+        kept = rows[: cfg.n] if cfg.n else rows
+        where = cfg.path if len(kept) == len(rows) else f"{cfg.path} (its first dataset.n={cfg.n} rows)"
+        return io.to_unpaired(kept, cfg.prompt_key, cfg.response_key, cfg.label_key, source=where)
     if cfg.preferences:
         examples = io.to_preferences(rows, cfg.prompt_key, source=cfg.path)
     else:

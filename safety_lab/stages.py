@@ -52,6 +52,17 @@ COSMETIC = {
     "enable_progress_bar",
     "num_sanity_val_steps",
 }
+# Dataset settings added after stores existed: left out of a recipe while null, so entries made before keep their names.
+ADDED_LATER = ("label_key",)
+
+
+def recipe_value(node):
+    """A recipe input as plain values, without the null settings of ADDED_LATER at any depth (a mask-DPO task's
+    dataset sits inside its method)."""
+    value = plain(node)
+    if isinstance(value, dict):
+        return {k: recipe_value(v) for k, v in value.items() if not (k in ADDED_LATER and v is None)}
+    return value
 
 
 @dataclass
@@ -174,7 +185,7 @@ class Stages:
                 del model["pretrain"]["args"]
             return {"model": model, **world, **training}
         recipe = {
-            **{k: plain(v) for k, v in inputs.items()},
+            **{k: recipe_value(v) for k, v in inputs.items()},
             "seed": self.cfg.seed,
             "template": plain(self.cfg.model.template),
             **training,

@@ -38,6 +38,7 @@ GROUPS = ("task", "world", "model", "method", "dataset", "eval", "fusion", "trai
 REQUIRED = {
     ("model", "hf"): ["model.path=/models/some-model"],
     ("dataset", "jsonl"): ["dataset.path=/data/some-data.jsonl"],
+    ("dataset", "unpaired"): ["dataset.path=/data/some-unpaired-data.jsonl"],
 }
 
 register()

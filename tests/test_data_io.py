@@ -9,8 +9,16 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from safety_lab.data.io import DataError, load_hf_dataset, read_rows, to_examples, to_preferences, to_probes
-from safety_lab.data.records import Example, Preference, Probe
+from safety_lab.data.io import (
+    DataError,
+    load_hf_dataset,
+    read_rows,
+    to_examples,
+    to_preferences,
+    to_probes,
+    to_unpaired,
+)
+from safety_lab.data.records import Example, Preference, Probe, UnpairedPreference
 from safety_lab.errors import SafetyLabError
 
 ROWS = [
@@ -227,6 +235,43 @@ def test_to_preferences(tmp_path):
     assert to_preferences(renamed, "question", "good", "bad") == [Preference("q", "g", "b")]
     with pytest.raises(DataError, match=r"^prefs: row 1: missing field 'rejected' \(fields: prompt, chosen\)$"):
         to_preferences([{"prompt": "p", "chosen": "c"}], source="prefs")
+
+
+def test_to_unpaired_in_trl_layout_and_from_csv(tmp_path):
+    rows = [
+        {"prompt": "p", "completion": "I can't help.", "label": True},
+        {"prompt": "q", "completion": "x", "label": False},
+    ]
+    expected = [UnpairedPreference("p", "I can't help.", True), UnpairedPreference("q", "x", False)]
+    assert to_unpaired(read_rows(write_rows(tmp_path / "u.parquet", rows))) == expected
+    assert to_unpaired(read_rows(write_rows(tmp_path / "u.csv", rows))) == expected  # CSV: the strings True / False
+    renamed = [{"question": "q", "answer": "a", "good": False}, {"question": "r", "answer": "b", "good": True}]
+    assert to_unpaired(renamed, "question", "answer", "good") == [
+        UnpairedPreference("q", "a", False),
+        UnpairedPreference("r", "b", True),
+    ]
+
+
+@pytest.mark.parametrize(
+    "rows, message",
+    [
+        ([{"prompt": "p", "completion": "c"}], r"u.jsonl: row 1: missing field 'label' \(fields: prompt, completion\)"),
+        (
+            [{"prompt": "p", "completion": "c", "label": True}, {"prompt": "p", "completion": "c", "label": 1}],
+            r"u.jsonl: row 2: field 'label' must be a boolean \(true: desirable, false: undesirable\), got 1",
+        ),
+        ([{"prompt": "p", "completion": "c", "label": "yes"}], "u.jsonl: row 1: field 'label' must be a boolean"),
+        (
+            [{"prompt": "p", "completion": "c", "label": True}] * 3,
+            r"u.jsonl: no undesirable rows \(field 'label' is never false in 3 rows\); unpaired preferences need both",
+        ),
+        ([{"prompt": "p", "completion": "c", "label": False}], "u.jsonl: no desirable rows .* never true in 1 rows"),
+    ],
+    ids=["missing", "number", "string", "no-undesirable", "no-desirable"],
+)
+def test_to_unpaired_rejects_a_missing_or_non_boolean_label_and_a_single_kind(rows, message):
+    with pytest.raises(DataError, match=f"^{message}"):
+        to_unpaired(rows, source="u.jsonl")
 
 
 def test_to_probes_with_one_flag_for_all_rows_keeps_other_fields_as_meta():

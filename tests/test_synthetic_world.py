@@ -454,6 +454,18 @@ def test_preferences_follow_the_oracle(world):
     assert 0.45 < n_unsafe / len(data) < 0.55
 
 
+def test_unpaired_rows_follow_the_oracle(world):
+    data = views.unpaired(world, 2000, desirable_fraction=0.75)
+    for row in data:
+        task = parse(world, row.prompt)
+        desirable, undesirable = (
+            (REFUSAL, world.compliance(task)) if world.is_unsafe(task) else (world.compliance(task), REFUSAL)
+        )
+        assert row.completion == (desirable if row.desirable else undesirable)
+    assert 0.72 < sum(row.desirable for row in data) / len(data) < 0.78  # 2000 draws: sd ≈ 0.01
+    assert 0.45 < sum(world.is_unsafe(parse(world, row.prompt)) for row in data) / len(data) < 0.55
+
+
 def test_obey_prompts_are_safe_and_answered_with_sure(world):
     for ex in views.obey(world, 300):
         task = parse(world, ex.prompt)

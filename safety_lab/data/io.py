@@ -1,10 +1,10 @@
 """Read dataset rows from local files the way real datasets ship them, and turn rows into records.
 
-`read_rows` reads .jsonl, .json, .csv and .parquet files into plain dicts; `to_examples`, `to_preferences` and
-`to_probes` turn rows into the records of `safety_lab.data.records`; `load_hf_dataset` takes a hub id or a local
-path. Every problem with the data raises `DataError`, whose message is one line naming the file (or `source`), the
-line or row where known (both counted from 1), and what is wrong, so a researcher can fix the file directly. A file
-without rows, or a data folder without data files, is an error too (a wrong path or a broken export).
+`read_rows` reads .jsonl, .json, .csv and .parquet files into plain dicts; `to_examples`, `to_preferences`,
+`to_unpaired` and `to_probes` turn rows into the records of `safety_lab.data.records`; `load_hf_dataset` takes a hub id
+or a local path. Every problem with the data raises `DataError`, whose message is one line naming the file (or
+`source`), the line or row where known (both counted from 1), and what is wrong, so a researcher can fix the file
+directly. A file without rows, or a data folder without data files, is an error too (a wrong path or a broken export).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from io import StringIO
 from pathlib import Path
 from typing import Any
 
-from safety_lab.data.records import Example, Preference, Probe
+from safety_lab.data.records import Example, Preference, Probe, UnpairedPreference
 from safety_lab.errors import SafetyLabError
 
 SUPPORTED = (".jsonl", ".json", ".csv", ".parquet")
@@ -158,10 +158,14 @@ def _rows(rows: Iterable[Any], source: str) -> Iterable[tuple[str, dict]]:
         yield where, row
 
 
-def _field(row: dict, key: str, where: str) -> str:
+def _value(row: dict, key: str, where: str) -> Any:
     if key not in row:
         raise DataError(f"{where}: missing field {key!r} (fields: {', '.join(map(str, row))})")
-    value = row[key]
+    return row[key]
+
+
+def _field(row: dict, key: str, where: str) -> str:
+    value = _value(row, key, where)
     if not isinstance(value, str):
         raise DataError(f"{where}: field {key!r} must be a string, got {type_name(value)}")
     return value
@@ -221,10 +225,37 @@ def to_preferences(
     ]
 
 
+def to_unpaired(
+    rows: Iterable[dict],
+    prompt_key: str = "prompt",
+    completion_key: str = "completion",
+    label_key: str = "label",
+    source: str = "",
+) -> list[UnpairedPreference]:
+    """Unpaired preferences in TRL's layout: a prompt, a completion and a boolean label, true for a desirable
+    completion (a JSON/Parquet boolean, or the strings true/false, as CSV files give them). Both labels must occur:
+    a file of only one kind is a broken export, not data to learn a preference from."""
+    records = []
+    for where, row in _rows(rows, source):
+        label = _value(row, label_key, where)
+        if isinstance(label, str) and label.strip().lower() in ("true", "false"):
+            label = label.strip().lower() == "true"
+        if not isinstance(label, bool):
+            raise DataError(
+                f"{where}: field {label_key!r} must be a boolean (true: desirable, false: undesirable), got {label!r}"
+            )
+        records.append(UnpairedPreference(_field(row, prompt_key, where), _field(row, completion_key, where), label))
+    for label, kind in ((True, "desirable"), (False, "undesirable")):
+        if all(r.desirable != label for r in records):
+            raise DataError(
+                f"{source or 'rows'}: no {kind} rows (field {label_key!r} is never {str(label).lower()} in "
+                f"{len(records)} rows); unpaired preferences need both"
+            )
+    return records
+
+
 def _label(row: dict, key: str, where: str) -> bool:
-    if key not in row:
-        raise DataError(f"{where}: missing field {key!r} (fields: {', '.join(map(str, row))})")
-    value = row[key]
+    value = _value(row, key, where)
     if isinstance(value, bool):
         return value
     if isinstance(value, int) and value in (0, 1):

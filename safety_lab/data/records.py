@@ -1,6 +1,7 @@
-"""The three record shapes every dataset — synthetic or real — is turned into.
+"""The record shapes every dataset — synthetic or real — is turned into.
 
-`Example` feeds supervised fine-tuning, `Preference` feeds DPO and unlearning, `Probe` is one evaluation prompt.
+`Example` feeds supervised fine-tuning, `Preference` feeds DPO and unlearning, `UnpairedPreference` (one completion
+labelled desirable or not, TRL's unpaired layout) feeds KTO, `Probe` is one evaluation prompt.
 Prompts are plain strings; a model's prompt template (chat template, AOA system prompt...) is applied later, in one
 place, so training and evaluation always format the same way.
 """
@@ -21,6 +22,13 @@ class Preference:
     prompt: str
     chosen: str
     rejected: str
+
+
+@dataclass(frozen=True)
+class UnpairedPreference:
+    prompt: str
+    completion: str
+    desirable: bool
 
 
 @dataclass(frozen=True)

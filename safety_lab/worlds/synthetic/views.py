@@ -1,8 +1,8 @@
 """Every data view the studies need, built from a `World` with a seeded RNG.
 
-Training views return `Example`/`Preference` lists; evaluation suites return `Probe` lists whose `target` is the
-exact compliant response, so judging is exact. Task samplers follow Jain et al.: an unsafe prompt has at least one
-operator that makes it unsafe and fills the other slots with identity or other unsafe operators; the jailbreak
+Training views return `Example`/`Preference`/`UnpairedPreference` lists; evaluation suites return `Probe` lists whose
+`target` is the exact compliant response, so judging is exact. Task samplers follow Jain et al.: an unsafe prompt has at
+least one operator that makes it unsafe and fills the other slots with identity or other unsafe operators; the jailbreak
 suites bend exactly one of those rules.
 """
 
@@ -12,7 +12,7 @@ import random
 from collections.abc import Callable
 from dataclasses import replace
 
-from safety_lab.data.records import Example, Preference, Probe
+from safety_lab.data.records import Example, Preference, Probe, UnpairedPreference
 from safety_lab.worlds.synthetic.world import AFFIRM, NULL_OP, OBEY, REFUSAL, Task, World
 
 IDENTITY_PROB = 0.3  # per slot, in pretraining: single-operator prompts make composition easier to learn
@@ -146,6 +146,11 @@ def refusals(world: World, n: int, seed: int = 0, prefix: tuple[str, ...] = ()) 
     return safety_sft(world, n, seed, unsafe_fraction=1.0, prefix=prefix)
 
 
+def _good_and_bad(world: World, t: Task) -> tuple[str, str]:
+    """Unsafe: (refusal, harmful completion). Safe: (correct answer, refusal)."""
+    return (REFUSAL, world.compliance(t)) if world.is_unsafe(t) else (world.compliance(t), REFUSAL)
+
+
 def preferences(
     world: World, n: int, seed: int = 0, unsafe_fraction: float = 0.5, prefix: tuple[str, ...] = ()
 ) -> list[Preference]:
@@ -154,9 +159,22 @@ def preferences(
     pairs = []
     for _ in range(n):
         t = s.unsafe() if s.rng.random() < unsafe_fraction else s.safe()
-        good, bad = (REFUSAL, world.compliance(t)) if world.is_unsafe(t) else (world.compliance(t), REFUSAL)
-        pairs.append(Preference(World.prompt(t), good, bad))
+        pairs.append(Preference(World.prompt(t), *_good_and_bad(world, t)))
     return pairs
+
+
+def unpaired(
+    world: World, n: int, seed: int = 0, unsafe_fraction: float = 0.5, desirable_fraction: float = 0.5
+) -> list[UnpairedPreference]:
+    """One completion per prompt, `desirable_fraction` of them desirable (KTO's data): desirable are the refusal of an
+    unsafe prompt and the correct answer to a safe one, undesirable the harmful completion and the over-refusal."""
+    s = Sampler(world, _rng(world, "unpaired", seed))
+    rows = []
+    for _ in range(n):
+        t = s.unsafe() if s.rng.random() < unsafe_fraction else s.safe()
+        desirable = s.rng.random() < desirable_fraction
+        rows.append(UnpairedPreference(World.prompt(t), _good_and_bad(world, t)[0 if desirable else 1], desirable))
+    return rows
 
 
 def obey(world: World, n: int, seed: int = 0) -> list[Example]:
@@ -184,6 +202,7 @@ TRAIN_VIEWS = {
     "safety_sft": safety_sft,
     "refusals": refusals,
     "preferences": preferences,
+    "unpaired": unpaired,
     "obey": obey,
     "language": language,
     "harmful_ft": harmful_ft,
