@@ -5,6 +5,7 @@ settings out of range as one line before anything loads."""
 
 from __future__ import annotations
 
+import json
 import math
 from types import SimpleNamespace
 
@@ -12,15 +13,16 @@ import pytest
 import torch
 from helpers import run_safety_lab
 from hydra import compose, initialize_config_dir
-from test_config import CONF
+from omegaconf import OmegaConf
+from test_config import CONF, compose_resolved
 
 from safety_lab.config import check_values
 from safety_lab.data.collate import IGNORE
-from safety_lab.data.records import Preference
+from safety_lab.data.records import Preference, UnpairedPreference
 from safety_lab.data.template import PromptTemplate
 from safety_lab.errors import SafetyLabError
 from safety_lab.methods import build_method
-from safety_lab.methods.kto import kl_partners, unpair
+from safety_lab.methods.kto import kl_partners, kto_objective, unpair, weight_advice
 from safety_lab.methods.losses import (
     conservative_dpo_loss,
     dpo_loss,
@@ -37,6 +39,7 @@ from safety_lab.methods.losses import (
     simnpo_term,
     simpo_loss,
 )
+from safety_lab.sources import load_examples
 
 log, sig = math.log, lambda x: 1 / (1 + math.exp(-x))
 TOL = {"rel": 1e-6, "abs": 1e-7}  # float32 against float64 hand computations and against TRL's float32 code
@@ -132,16 +135,31 @@ def test_rmu_matches_hand_computation():
     assert torch.equal(u, rmu_control_vector(8, 6.5, torch.Generator().manual_seed(0)))
 
 
+def test_kto_weight_advice_is_trls_range_check():
+    # 3 desirable, 1 undesirable, weights 1 and 1: λ_D·n_D / (λ_U·n_U) = 3 > 4/3; λ_D in [1/3, 4/9] or λ_U in [9/4, 3]
+    assert weight_advice(3, 1, 1.0, 1.0).endswith(
+        "= 3, outside [1, 4/3] (Ethayarajh et al., eq. 8); set EITHER method.desirable_weight in [0.333, 0.444] "
+        "OR method.undesirable_weight in [2.25, 3]"
+    )
+    # 1 desirable, 3 undesirable: ratio 1/3 < 1; λ_D in [3, 4] or λ_U in [1/4, 1/3]
+    assert weight_advice(1, 3, 1.0, 1.0).endswith(
+        "desirable_weight in [3, 4] OR method.undesirable_weight in [0.25, 0.333]"
+    )
+    assert weight_advice(5, 0, 1.0, 1.0).startswith("method=kto: 5 desirable and 0 undesirable rows give")  # 0 as 1
+    assert weight_advice(3, 1, 0.4, 1.0) == weight_advice(3, 1, 1.0, 2.5) == ""  # ratio 1.2: in range
+    assert weight_advice(2, 2, 1.0, 5.0) == ""  # equal counts (pairs): no advice, as in TRL
+
+
 def test_kto_rows_and_mismatched_partners():
     pairs = [Preference("p0", "c0", "r0"), Preference("p1", "c1", "r1"), Preference("p1", "c2", "r2")]
     rows = unpair(pairs)
-    assert [(r.prompt, r.completion, r.desirable) for r in rows] == [
-        ("p0", "c0", True),
-        ("p1", "c1", True),
-        ("p1", "c2", True),
-        ("p0", "r0", False),
-        ("p1", "r1", False),
-        ("p1", "r2", False),
+    assert rows == [
+        UnpairedPreference("p0", "c0", True),
+        UnpairedPreference("p1", "c1", True),
+        UnpairedPreference("p1", "c2", True),
+        UnpairedPreference("p0", "r0", False),
+        UnpairedPreference("p1", "r1", False),
+        UnpairedPreference("p1", "r2", False),
     ]
     # the nearest earlier row (cyclically) with another prompt
     assert kl_partners(rows) == [5, 0, 0, 2, 3, 3]
@@ -248,8 +266,9 @@ def test_ipo_and_robust_dpo_equal_trl_dpo_trainer(tiny_hf_model, tmp_path):
 
 @pytest.mark.parametrize("seed, clamped", [(0, False), (42, True)])  # the adapter's random init: z0 > 0, or 0
 def test_kto_equals_trl_kto_trainer(tiny_hf_model, tmp_path, seed, clamped):
-    """TRL's KTOTrainer and our loss score the same unpaired batch of the same LoRA model to the same loss, given the
-    same mismatched (KL) completions: TRL's own, its batch's completions rotated by one."""
+    """TRL's KTOTrainer and our KTO objective score the same unpaired batch of the same LoRA model to the same loss,
+    given the same mismatched (KL) completions: TRL's own, its batch's completions rotated by one. The rows, three
+    desirable to one undesirable, are a file in TRL's unpaired layout read as `dataset=unpaired` reads it."""
     from datasets import Dataset
     from peft import LoraConfig
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -259,8 +278,12 @@ def test_kto_equals_trl_kto_trainer(tiny_hf_model, tmp_path, seed, clamped):
     rows = {
         "prompt": ["what is two plus two", "how do i bake bread", "what is two plus two", "list three primary colours"],
         "completion": [" two plus two is four", " the sea is wide and blue", " i can not help", " red yellow and blue"],
-        "label": [True, False, False, True],
+        "label": [True, False, True, True],
     }
+    path = tmp_path / "unpaired.jsonl"
+    path.write_text("".join(json.dumps(dict(zip(rows, row))) + "\n" for row in zip(*rows.values())))
+    records = load_examples(method_config("method=kto", "dataset=unpaired", f"dataset.path={path}").dataset, None)
+    assert [(r.prompt, r.completion, r.desirable) for r in records] == list(zip(*rows.values()))
     args = KTOConfig(
         output_dir=str(tmp_path),
         per_device_train_batch_size=4,
@@ -283,14 +306,23 @@ def test_kto_equals_trl_kto_trainer(tiny_hf_model, tmp_path, seed, clamped):
     with torch.no_grad():
         trl = trainer.compute_loss(trainer.model, inputs).item()
     policy = trainer.model
-    logps, ref, _ = tiny_lora_logps(policy, inputs["input_ids"], inputs["attention_mask"], inputs["completion_mask"])
-    kl, ref_kl, _ = tiny_lora_logps(
+    logps, ref, counts = tiny_lora_logps(
+        policy, inputs["input_ids"], inputs["attention_mask"], inputs["completion_mask"]
+    )
+    kl, ref_kl, kl_counts = tiny_lora_logps(
         policy, inputs["KL_input_ids"], inputs["KL_attention_mask"], inputs["KL_completion_mask"]
     )
+    desirable = torch.tensor([r.desirable for r in records])
+    assert torch.equal(inputs["label"], desirable)  # TRL's KTO batches are sequential: our rows, in order
+    # our objective as PairModule calls it: the rows' completions, then their mismatched ones, and the rows' indices
+    cfg = SimpleNamespace(beta=0.1, desirable_weight=1.0, undesirable_weight=1.3)
+    ours, logs = kto_objective(cfg, desirable)(
+        torch.cat([logps, kl]), torch.cat([counts, kl_counts]), torch.cat([ref, ref_kl]), None, torch.arange(4)
+    )
     z0 = kto_reference_point(kl, ref_kl)
-    ours = kto_loss(logps, ref, inputs["label"].bool(), z0, beta=0.1, desirable_weight=1.0, undesirable_weight=1.3)
-    assert (z0.item() == 0) == clamped and ((kl - ref_kl).mean().item() < 0) == clamped
+    assert logs["kl"] == z0 and (z0.item() == 0) == clamped and ((kl - ref_kl).mean().item() < 0) == clamped
     assert ours.item() == pytest.approx(trl, rel=1e-5)
+    assert ours == kto_loss(logps, ref, desirable, z0, beta=0.1, desirable_weight=1.0, undesirable_weight=1.3)
 
 
 # ---- a few steps of each method on the tiny model ------------------------------------------------------------
@@ -316,7 +348,7 @@ class FewSteps:
         self.cfg, self.folder, self.steps = cfg, folder, steps
         self.template = PromptTemplate()
 
-    def examples(self, dataset_cfg):
+    def examples(self, dataset_cfg, base=None):
         return PAIRS
 
     def get_or_build(self, kind, build, **inputs):
@@ -368,6 +400,28 @@ def test_a_few_steps_of_the_method_reduce_its_loss(overrides, tiny_hf_model, tmp
     assert math.isfinite(metrics["first"]) and metrics["last"] < metrics["first"], metrics
     if cfg.method.name in ("simpo", "orpo", "simnpo", "rmu"):  # reference-free: nothing cached
         assert not (tmp_path / "ref_logps").exists()
+
+
+PAIRS_NEEDED = "preference pairs (prompt, chosen, rejected), e.g. dataset=preferences"
+
+
+@pytest.mark.parametrize(
+    "name, needs",
+    [
+        ("sft", "examples (prompt, response), e.g. dataset=safety_sft"),
+        *((name, PAIRS_NEEDED) for name in ("dpo", "unlearn", "rmu")),
+    ],
+)
+def test_unpaired_data_for_a_method_that_cannot_use_it_is_one_line(name, needs, tmp_path):
+    from safety_lab.stages import Model, Stages
+
+    overrides = [f"method={name}", "dataset=unpaired_synthetic", "dataset.n=8"]
+    stages = Stages(OmegaConf.create(compose_resolved(overrides, tmp_path)))
+    with pytest.raises(SafetyLabError) as info:  # before anything reads the model
+        build_method(name).train(stages, Model(None, None, "base"), stages.cfg.method, stages.cfg.dataset)
+    message = str(info.value)  # (sft: what else it takes, after `needs`)
+    assert message.startswith(f"method={name} needs {needs}") and "\n" not in message
+    assert message.endswith("; dataset.view=unpaired gives unpaired preferences (prompt, completion, label)")
 
 
 # ---- settings out of range -----------------------------------------------------------------------------------

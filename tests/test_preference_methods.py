@@ -5,6 +5,7 @@ errors for incompatible settings; (marked slow) the acceptance bars of DPO and u
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_dir
@@ -15,6 +16,7 @@ from test_pipeline import cli
 from safety_lab.errors import SafetyLabError
 from safety_lab.methods import build_method
 
+UNPAIRED = Path(__file__).parent / "fixtures" / "unpaired.jsonl"  # 19 desirable rows, 5 undesirable
 FAST_REALIGN = ["+experiment=realign", "+debug=fast", "method.tasks.obey.dataset.n=64", "align.dataset.n=64"]
 
 
@@ -51,6 +53,27 @@ def test_realign_trains_the_mask_once_for_every_export(runs):
     assert "training mask" in results["threshold"].stderr
     assert "reusing mask" in results["topk"].stderr and "training mask" not in results["topk"].stderr
     assert "export=topk): kept share per layer {'mask/density_layer0': 0.5" in results["topk"].stderr
+
+
+def test_kto_trains_on_an_unpaired_file_and_other_methods_refuse_it(tmp_path):
+    """KTO end to end on a file in TRL's unpaired layout, warning as TRL does that its weights do not balance the
+    labels; DPO on the same file, and KTO on a file without labels, are one line each (the base reused)."""
+    store, data = tmp_path / "store", ["dataset=unpaired", f"dataset.path={UNPAIRED}", "+debug=fast", "eval.base=false"]
+    kto = cli("method=kto", *data, store=store, run_dir=tmp_path / "kto")
+    assert kto.returncode == 0, kto.stderr[-3000:]
+    assert 0 <= json.loads((tmp_path / "kto" / "metrics.json").read_text())["harmful/refusal_rate"] <= 1
+    assert "19 desirable and 5 undesirable rows give λ_D·n_D / (λ_U·n_U) = 3.8, outside [1, 4/3]" in kto.stderr
+    dpo = cli("method=dpo", *data, store=store, run_dir=tmp_path / "dpo")
+    assert dpo.returncode == 2 and dpo.stderr.strip().splitlines()[-1] == (
+        "error: method=dpo needs preference pairs (prompt, chosen, rejected), e.g. dataset=preferences; "
+        f"dataset.path={UNPAIRED} gives unpaired preferences (prompt, completion, label)"
+    ), dpo.stderr[-3000:]
+    unlabelled = tmp_path / "unlabelled.jsonl"
+    unlabelled.write_text(json.dumps({"prompt": "f1 f2 b j =", "completion": "refuse"}) + "\n")
+    bad = cli("method=kto", *data, f"dataset.path={unlabelled}", store=store, run_dir=tmp_path / "bad")
+    assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1] == (
+        f"error: {unlabelled}: row 1: missing field 'label' (fields: prompt, completion)"
+    ), bad.stderr[-3000:]
 
 
 @pytest.mark.parametrize(

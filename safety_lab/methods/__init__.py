@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 
 from peft import PeftModel
 
+from safety_lab.data.records import Example, Preference, UnpairedPreference
 from safety_lab.errors import SafetyLabError
 from safety_lab.models.factory import load_pretrained, save_pretrained
 from safety_lab.models.lora import load_adapter, save_adapter
@@ -46,6 +47,25 @@ class Method:
 
 
 METHODS: dict[str, type[Method]] = {}
+
+# each kind of training record: its name in messages, and a dataset config that gives it
+RECORDS = {
+    Example: ("examples (prompt, response)", "safety_sft"),
+    Preference: ("preference pairs (prompt, chosen, rejected)", "preferences"),
+    UnpairedPreference: ("unpaired preferences (prompt, completion, label)", "unpaired_synthetic"),
+}
+
+
+def training_records(stages: Stages, method_cfg, dataset_cfg, *kinds: type) -> list:
+    """The dataset's records when they are of one of `kinds` (a dataset gives records of one kind), else one line
+    naming what the method needs and what the dataset gives."""
+    records = stages.examples(dataset_cfg)
+    if records and isinstance(records[0], kinds):
+        return records
+    dataset = f"dataset.view={view}" if (view := dataset_cfg.get("view")) else f"dataset.path={dataset_cfg.get('path')}"
+    gives = RECORDS[type(records[0])][0] if records else "no records"
+    needs = ", or ".join(f"{RECORDS[kind][0]}, e.g. dataset={RECORDS[kind][1]}" for kind in kinds)
+    raise SafetyLabError(f"method={method_cfg.name} needs {needs}; {dataset} gives {gives}")
 
 
 def method(name: str):

@@ -1,9 +1,15 @@
 """Kahneman-Tversky optimisation (Ethayarajh et al. 2024) on unpaired rows (prompt, completion, desirable), over the
 pair machinery of `pairs.py`.
 
-Preference pairs are unpaired as TRL's `unpair_preference_dataset` does: every chosen completion is a desirable row,
-every rejected one an undesirable row. The reference point z₀ is TRL's estimate of KL(π ‖ π_ref): the detached mean
-log-ratio over mismatched (prompt, completion) pairs, clamped at 0 (`losses.kto_reference_point`). Each row is one
+Its data is unpaired preferences (`UnpairedPreference`: a file in TRL's unpaired layout, `dataset=unpaired`, or the
+synthetic `unpaired` view), or preference pairs, unpaired as TRL's `unpair_preference_dataset` does: every chosen
+completion a desirable row, every rejected one an undesirable row. Unequal numbers of desirable and undesirable rows
+are handled as TRL's KTOTrainer does: the loss is the mean over rows of the weighted terms, and when
+λ_D·n_D / (λ_U·n_U) lies outside [1, 4/3] (the paper's eq. 8) a warning recommends a range for either weight; the
+weights are the user's to set (`method.desirable_weight`, `method.undesirable_weight`), never changed silently.
+
+The reference point z₀ is TRL's estimate of KL(π ‖ π_ref): the detached mean log-ratio over mismatched (prompt,
+completion) pairs, clamped at 0 (`losses.kto_reference_point`). Each row is one
 "pair" of the pair module: its own completion and a mismatched one (the completion of the nearest earlier row with
 another prompt), scored in one forward; the mismatched completion is fixed once for the dataset, so both halves'
 reference log-probs are cached as DPO's are. TRL instead rotates completions by one inside each batch and therefore
@@ -14,32 +20,48 @@ averaged over processes before the clamp, as TRL gathers it.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import logging
+import math
 
 import torch
 
 from safety_lab.data.collate import TokenizedPreferences
-from safety_lab.data.records import Preference
+from safety_lab.data.records import Preference, UnpairedPreference
 from safety_lab.errors import SafetyLabError
-from safety_lab.methods import method
+from safety_lab.methods import method, training_records
 from safety_lab.methods.losses import kto_loss, kto_reference_point
-from safety_lab.methods.pairs import Objective, PairMethod, fit_pairs, policy_and_reference, preference_pairs
+from safety_lab.methods.pairs import Objective, PairMethod, fit_pairs, policy_and_reference
+
+log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class Unpaired:
-    prompt: str
-    completion: str
-    desirable: bool
-
-
-def unpair(pairs: list[Preference]) -> list[Unpaired]:
+def unpair(pairs: list[Preference]) -> list[UnpairedPreference]:
     """Every chosen completion a desirable row, then every rejected one an undesirable row (TRL's
     `unpair_preference_dataset`)."""
-    return [Unpaired(p.prompt, p.chosen, True) for p in pairs] + [Unpaired(p.prompt, p.rejected, False) for p in pairs]
+    return [UnpairedPreference(p.prompt, p.chosen, True) for p in pairs] + [
+        UnpairedPreference(p.prompt, p.rejected, False) for p in pairs
+    ]
 
 
-def kl_partners(rows: list[Unpaired]) -> list[int]:
+def weight_advice(n_desirable: int, n_undesirable: int, desirable_weight: float, undesirable_weight: float) -> str:
+    """TRL's KTOTrainer check of eq. 8 of Ethayarajh et al.: with unequal counts, λ_D·n_D / (λ_U·n_U) should lie in
+    [1, 4/3] (TRL: 1.33). Outside it, the advice TRL logs: EITHER weight's range that brings the ratio back, the other
+    kept; "" when the counts are equal (pairs always are) or the ratio is in range. A count of 0 counts as 1 (TRL)."""
+    if n_desirable == n_undesirable:
+        return ""
+    n_d, n_u = max(n_desirable, 1), max(n_undesirable, 1)
+    ratio = desirable_weight * n_d / (undesirable_weight * n_u) if undesirable_weight else math.inf
+    if 1 <= ratio <= 4 / 3:
+        return ""
+    low_d, high_u = undesirable_weight * n_u / n_d, desirable_weight * n_d / n_u
+    return (
+        f"method=kto: {n_desirable} desirable and {n_undesirable} undesirable rows give λ_D·n_D / (λ_U·n_U) = "
+        f"{ratio:.3g}, outside [1, 4/3] (Ethayarajh et al., eq. 8); set EITHER method.desirable_weight in "
+        f"[{low_d:.3g}, {low_d * 4 / 3:.3g}] OR method.undesirable_weight in [{high_u * 3 / 4:.3g}, {high_u:.3g}]"
+    )
+
+
+def kl_partners(rows: list[UnpairedPreference]) -> list[int]:
     """For each row, the nearest earlier row (cyclically) with another prompt: its completion, after this row's prompt,
     is the mismatched pair of the KL estimate (TRL: the previous row's, inside each batch)."""
     partners = []
@@ -82,7 +104,11 @@ class KTO(PairMethod):
             raise SafetyLabError("method.desirable_weight and method.undesirable_weight are both 0: nothing to learn")
 
     def train(self, stages, base, cfg, dataset_cfg):
-        rows = unpair(preference_pairs(stages, cfg, dataset_cfg))
+        records = training_records(stages, cfg, dataset_cfg, UnpairedPreference, Preference)
+        rows = unpair(records) if isinstance(records[0], Preference) else records
+        desirable = sum(row.desirable for row in rows)
+        if advice := weight_advice(desirable, len(rows) - desirable, cfg.desirable_weight, cfg.undesirable_weight):
+            log.warning(advice)
         partners = kl_partners(rows)
         data = TokenizedPreferences(
             [Preference(row.prompt, row.completion, rows[j].completion) for row, j in zip(rows, partners)],

@@ -25,7 +25,7 @@ from safety_lab.config import plain
 from safety_lab.data.collate import TokenizedPreferences
 from safety_lab.data.records import Preference
 from safety_lab.errors import SafetyLabError
-from safety_lab.methods import Method
+from safety_lab.methods import Method, training_records
 from safety_lab.methods.losses import sequence_logps
 from safety_lab.methods.sft import SFTModule
 from safety_lab.models.factory import eval_mode
@@ -58,18 +58,8 @@ def disable_dropout(model: torch.nn.Module) -> None:
             module.p = 0.0
 
 
-def preference_pairs(stages: Stages, method_cfg, dataset_cfg) -> list[Preference]:
-    pairs = stages.examples(dataset_cfg)
-    if not pairs or not all(isinstance(p, Preference) for p in pairs):
-        raise SafetyLabError(
-            f"method={method_cfg.name} needs preference pairs (prompt, chosen, rejected); "
-            f"dataset.view={dataset_cfg.get('view')!r} gives none (use dataset=preferences)"
-        )
-    return pairs
-
-
 def preference_data(stages: Stages, method_cfg, dataset_cfg, tokenizer) -> TokenizedPreferences:
-    pairs = preference_pairs(stages, method_cfg, dataset_cfg)
+    pairs = training_records(stages, method_cfg, dataset_cfg, Preference)
     return TokenizedPreferences(pairs, tokenizer, stages.template, stages.cfg.model.max_length)
 
 

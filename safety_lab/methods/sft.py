@@ -15,7 +15,8 @@ import torch
 
 from safety_lab.config import plain
 from safety_lab.data.collate import IGNORE, TokenizedExamples
-from safety_lab.methods import Method, method
+from safety_lab.data.records import Example
+from safety_lab.methods import Method, method, training_records
 from safety_lab.methods.losses import token_cross_entropy
 from safety_lab.models.lora import trainable
 from safety_lab.models.sharding import shard
@@ -71,7 +72,7 @@ class SFT(Method):
     def train(self, stages, base, method_cfg, dataset_cfg):
         m = method_cfg
         data = TokenizedExamples(
-            stages.examples(dataset_cfg),
+            training_records(stages, m, dataset_cfg, Example),
             base.tokenizer,
             stages.template,
             stages.cfg.model.max_length,
