@@ -104,7 +104,7 @@ class KTO(PairMethod):
             raise SafetyLabError("method.desirable_weight and method.undesirable_weight are both 0: nothing to learn")
 
     def train(self, stages, base, cfg, dataset_cfg):
-        records = training_records(stages, cfg, dataset_cfg, UnpairedPreference, Preference)
+        records = training_records(stages, base, cfg, dataset_cfg, UnpairedPreference, Preference)
         rows = unpair(records) if isinstance(records[0], Preference) else records
         desirable = sum(row.desirable for row in rows)
         if advice := weight_advice(desirable, len(rows) - desirable, cfg.desirable_weight, cfg.undesirable_weight):

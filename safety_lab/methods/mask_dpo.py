@@ -161,7 +161,7 @@ class MaskDPO(Method):
         shapes = {name: t.shape for name, t in taus[0].items()}
 
         def build(folder):
-            data = preference_data(stages, cfg, dataset_cfg, base.tokenizer)
+            data = preference_data(stages, base, cfg, dataset_cfg)
             policy.masks = policy.ones()
             model.eval()
             reference_id = "-".join(

@@ -103,7 +103,7 @@ class RMUModule(L.LightningModule):
 @method("rmu")
 class RMU(Method):
     def train(self, stages, base, cfg, dataset_cfg):
-        data = preference_data(stages, cfg, dataset_cfg, base.tokenizer)
+        data = preference_data(stages, base, cfg, dataset_cfg)
         copied = None if cfg.lora else copy.deepcopy(base.model).requires_grad_(False).eval()
         policy = trainable(base.model, plain(cfg.lora))
         disable_dropout(policy)

@@ -15,7 +15,7 @@ import torch
 
 from safety_lab.config import plain
 from safety_lab.data.collate import IGNORE, TokenizedExamples
-from safety_lab.data.records import Example
+from safety_lab.data.records import Example, Preference
 from safety_lab.methods import Method, method, training_records
 from safety_lab.methods.losses import token_cross_entropy
 from safety_lab.models.lora import trainable
@@ -67,12 +67,17 @@ class SFTModule(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
 
+def chosen_examples(records: list) -> list[Example]:
+    """Training examples; a preference pair trains on its chosen answer (the SFT baseline of preference studies)."""
+    return [Example(r.prompt, r.chosen) if isinstance(r, Preference) else r for r in records]
+
+
 @method("sft")
 class SFT(Method):
     def train(self, stages, base, method_cfg, dataset_cfg):
         m = method_cfg
         data = TokenizedExamples(
-            training_records(stages, m, dataset_cfg, Example),
+            chosen_examples(training_records(stages, base, m, dataset_cfg, Example, Preference)),
             base.tokenizer,
             stages.template,
             stages.cfg.model.max_length,
