@@ -2,13 +2,17 @@
 
 Each config group's YAML files start from the schema stored here under the name `schema` (`defaults: [schema,
 _self_]`), so a wrong type or an unknown choice fails with one line naming the key, the value and what is allowed.
+A method's YAML is its own schema: `register` types each conf/method/<name>.yaml by its values and stores that as
+`method/schema_<name>`, which the YAML starts from, so a new method needs no class here.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+import re
+from dataclasses import dataclass, field, fields, make_dataclass
 from enum import Enum
+from pathlib import Path
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
@@ -97,6 +101,8 @@ class LoraSettings:
 
 @dataclass
 class MethodConfig:
+    """The settings every method has; a method's own ones are typed from its YAML (`method_schema`)."""
+
     name: str = "sft"
     lr: float = 1e-3
     epochs: int = 1
@@ -108,138 +114,42 @@ class MethodConfig:
     lora: LoraSettings | None = None
 
 
-class LogProb(str, Enum):
-    sum = "sum"  # summed over response tokens (TRL, SOMF)
-    mean = "mean"  # averaged over response tokens
-    fixed = "fixed"  # summed, divided by `fixed_length` (Jain et al.: 159)
+CONF = Path(__file__).resolve().parents[1] / "conf"
+KEY = re.compile(r"( *)(\w+):")
+CHOICES = re.compile(r"[^#]*#\s*(\w+(?:\s*\|\s*\w+)+)")  # a comment that starts `a | b | c`
 
 
-@dataclass
-class DPOConfig(MethodConfig):
-    name: str = "dpo"
-    beta: float = 0.1
-    beta_rejected: float | None = None  # default: beta (Jain et al.: 0.1 chosen, 0.01 rejected)
-    logp: LogProb = LogProb.sum
-    fixed_length: int | None = None  # logp=fixed
-    ref_batch_size: int = 64  # batch size of the one-off reference log-prob pass
+def declared_choices(yaml_text: str) -> dict[str, list[str]]:
+    """{dotted key: its allowed values} of the YAML's `key: value  # a | b | c` lines (nesting by indentation)."""
+    choices, parents = {}, []
+    for line in yaml_text.splitlines():
+        if key := KEY.match(line):
+            parents = [p for p in parents if p[0] < len(key[1])] + [(len(key[1]), key[2])]
+            if listed := CHOICES.match(line):
+                choices[".".join(name for _, name in parents)] = re.split(r"\s*\|\s*", listed[1])
+    return choices
 
 
-class UnlearnLoss(str, Enum):
-    ascent = "ascent"  # gradient ascent on the dispreferred response (set retain_weight 0 for the pure form)
-    graddiff = "graddiff"  # gradient difference: descent on the preferred, ascent on the dispreferred
-    npo = "npo"  # negative preference optimisation on the dispreferred, descent on the preferred
-
-
-@dataclass
-class UnlearnConfig(MethodConfig):
-    name: str = "unlearn"
-    loss: UnlearnLoss = UnlearnLoss.graddiff
-    retain_weight: float = 1.0
-    forget_weight: float = 0.1
-    beta: float = 0.1  # npo
-    clamp: float | None = None  # ascent/graddiff: a sequence NLL past this stops being pushed up
-    logp: LogProb = LogProb.mean
-    fixed_length: int | None = None
-    ref_batch_size: int = 64
-
-
-# Objectives beside DPO and `unlearn`'s, each its own method with its paper's defaults (methods/dpo.py,
-# reference_free.py, kto.py, unlearn.py, rmu.py), so `method=dpo`, `method=unlearn` and every stored recipe stay as they
-# were.
-@dataclass
-class IPOConfig(DPOConfig):
-    name: str = "ipo"
-    beta: float = 0.1  # τ of Azar et al.
-    logp: LogProb = LogProb.mean  # TRL's IPO: per-token mean log-probs
-
-
-@dataclass
-class CDPOConfig(DPOConfig):
-    name: str = "cdpo"
-    label_smoothing: float = 0.1  # ε: the probability a preference label is flipped, in [0, 0.5)
-
-
-@dataclass
-class RobustDPOConfig(CDPOConfig):
-    name: str = "robust_dpo"
-
-
-@dataclass
-class SimPOConfig(MethodConfig):
-    name: str = "simpo"
-    beta: float = 2.0
-    gamma_beta_ratio: float = 0.5  # γ/β: the target margin γ is beta · gamma_beta_ratio
-
-
-@dataclass
-class ORPOConfig(MethodConfig):
-    name: str = "orpo"
-    odds_ratio_weight: float = 0.1  # λ of L_SFT + λ·L_OR
-
-
-@dataclass
-class KTOConfig(MethodConfig):
-    name: str = "kto"
-    beta: float = 0.1
-    desirable_weight: float = 1.0  # λ_D
-    undesirable_weight: float = 1.0  # λ_U
-    ref_batch_size: int = 64
-
-
-@dataclass
-class SimNPOConfig(MethodConfig):
-    name: str = "simnpo"
-    beta: float = 2.5
-    gamma: float = 0.0  # the margin γ >= 0
-    retain_weight: float = 1.0
-    forget_weight: float = 1.0
-
-
-@dataclass
-class RMUConfig(MethodConfig):
-    name: str = "rmu"
-    layer: int = 1  # the decoder layer whose output is steered (WMDP: 7 of Zephyr-7B's 32)
-    steering_coeff: float = 6.5  # c: forget activations are pushed to c·u, u a fixed random unit vector
-    retain_weight: float = 1200.0  # α: weight of the retain activations' distance to the frozen model's
-
-
-class MaskSpace(str, Enum):
-    dense = "dense"  # one mask entry per entry of ΔW = B·A of each adapted weight
-    factors = "factors"  # masks over the LoRA factors A and B separately (SOMF's code)
-
-
-class MaskExport(str, Enum):
-    none = "none"  # no mask: the unmasked fine-tuned model (the reference), no mask is trained
-    expected = "expected"  # σ(ℓ)
-    threshold = "threshold"  # 1[σ(ℓ) > 0.5]
-    sample = "sample"  # one seeded Bernoulli(σ(ℓ)) draw
-    topk = "topk"  # the `top_k` fraction of largest logits of each tensor
-
-
-class MaskMerge(str, Enum):  # merges of fusion.merges.MERGES that take any number of inputs
-    task_arithmetic = "task_arithmetic"  # λ·Σ_i m ⊙ τ_i / mean(m)
-    ties = "ties"  # TIES over the masked vectors, times λ, as SOMF's multi-task realignment
-
-
-@dataclass
-class MaskSettings:
-    space: MaskSpace = MaskSpace.dense
-    init_logit: float = 0.0  # SOMF: 0, i.e. p = 0.5 everywhere at the start
-    temperature: float = 0.5
-    sparsity: float = 0.0  # weight of the mean-σ(ℓ) penalty (SOMF: none)
-
-
-@dataclass
-class MaskDPOConfig(DPOConfig):
-    name: str = "mask_dpo"
-    tasks: dict[str, Any] = field(default_factory=dict)  # name -> stage {method, dataset}: the task adapters
-    task_weight: float = 1.0  # λ of the merge of the masked task vectors inside the forward (as fusion.weight)
-    merge: MaskMerge = MaskMerge.task_arithmetic
-    merge_args: dict[str, Any] = field(default_factory=dict)  # the merge's own arguments (as fusion.args)
-    mask: MaskSettings = field(default_factory=MaskSettings)
-    export: MaskExport = MaskExport.expected  # how the trained mask becomes the realigned model
-    export_seed: int = 0  # export=sample
-    top_k: float = 0.5  # export=topk
+def method_schema(name: str, settings: dict, choices: dict[str, list[str]], prefix: str = "") -> type:
+    """A dataclass with one field per key of `settings` (those beyond `MethodConfig`'s at the top), typed by its
+    value: a key of `choices` an enum of them, a non-empty mapping a nested schema, null or an interpolation `Any`,
+    anything else its value's type (a float setting also takes an int). The YAML supplies every value."""
+    common = () if prefix else (MethodConfig,)
+    known = {f.name for base in common for f in fields(base)}
+    specs = []
+    for key, value in settings.items():
+        where = prefix + key
+        if key in known:
+            continue
+        if where in choices:
+            specs.append((key, Enum(key, {c: c for c in choices[where]}, type=str)))
+        elif isinstance(value, dict) and value:
+            specs.append((key, method_schema(key, value, choices, f"{where}.")))
+        elif value is None or "${" in str(value):
+            specs.append((key, Any))
+        else:
+            specs.append((key, {dict: dict[str, Any], list: list[Any]}.get(type(value), type(value))))
+    return make_dataclass(name, specs, bases=common, kw_only=True)
 
 
 @dataclass
@@ -374,14 +284,13 @@ class FusionConfig:
     inputs: dict[str, Any] = field(default_factory=dict)  # role -> stage {method, dataset, weight (default 1)}
 
 
-def register() -> None:
-    """Store each group's schema as `<group>/schema`, and each method's own settings (a `MethodConfig` subclass) as
-    `method/schema_<its name>`."""
+def register(conf: Path = CONF) -> None:
+    """Store each group's schema as `<group>/schema`, and the schema of each method YAML `<conf>/method/<name>.yaml`
+    (`method_schema`: its values' types, the choices its comments list) as `method/schema_<name>`."""
     cs = ConfigStore.instance()
     for group, node in (
         ("world", WorldSpec),
         ("model", ModelConfig),
-        ("method", MethodConfig),
         ("dataset", DatasetConfig),
         ("eval", EvalConfig),
         ("analysis", AnalysisConfig),
@@ -389,21 +298,24 @@ def register() -> None:
         ("task", TaskConfig),
     ):
         cs.store(group=group, name="schema", node=node)
-    schemas = MethodConfig.__subclasses__()
-    while schemas:
-        schema = schemas.pop(0)
-        cs.store(group="method", name=f"schema_{schema.name}", node=schema)
-        schemas += schema.__subclasses__()
+    for path in sorted((conf / "method").glob("*.yaml")):
+        text = path.read_text()
+        settings = OmegaConf.to_container(OmegaConf.create(text))
+        settings.pop("defaults", None)
+        cs.store(
+            group="method", name=f"schema_{path.stem}", node=method_schema(path.stem, settings, declared_choices(text))
+        )
 
 
 # Numeric settings whose range is known, checked by key name wherever they occur (the run's method, the align, fusion
 # and mask-DPO task stages, datasets, suites, merge arguments); an unset (null) value keeps its default.
-POSITIVE = ("lr", "beta", "beta_rejected", "steering_coeff")
+POSITIVE = ("lr", "beta", "beta_rejected", "steering_coeff", "clamp")
 AT_LEAST_ONE = (
     "epochs",
     "n",
     "batch_size",
     "ref_batch_size",
+    "fixed_length",
     "accumulate_grad_batches",
     "max_new_tokens",
     "r",
@@ -438,8 +350,9 @@ UNCHECKED = ("hydra", "judge_args", "trainer")  # other programs' settings, chec
 
 
 def check_values(node, path: str = "") -> None:
-    """Raise one `SafetyLabError` line naming the first numeric setting outside its known range (RANGES), or not
-    finite, e.g. `method.lr=-0.001: must be > 0`."""
+    """Raise one `SafetyLabError` line naming the first numeric setting outside its known range (RANGES), not
+    finite, or not a number (a setting whose schema type is `Any`, as a method's null default), e.g.
+    `method.lr=-0.001: must be > 0`."""
     items = node.items() if isinstance(node, DictConfig) else enumerate(node) if isinstance(node, ListConfig) else ()
     for key, value in items:
         where = f"{path}.{key}" if path else str(key)
@@ -451,3 +364,5 @@ def check_values(node, path: str = "") -> None:
                 raise SafetyLabError(f"{where}={value}: must be a finite number")
             if key in RANGES and not RANGES[key][1](value):
                 raise SafetyLabError(f"{where}={value}: must be {RANGES[key][0]}")
+        elif key in RANGES and value is not None:
+            raise SafetyLabError(f"{where}={value!r}: must be a number {RANGES[key][0]}")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import inspect
 import re
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -23,8 +24,9 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf, open_dict
 
+from safety_lab import methods
 from safety_lab.artifacts import recipe_hash
-from safety_lab.config import Source, register
+from safety_lab.config import Source, plain, register
 from safety_lab.data.template import PromptTemplate
 from safety_lab.errors import SafetyLabError
 from safety_lab.sources import checked_suite, load_suites
@@ -210,14 +212,88 @@ def test_misspelled_target_key_is_caught_by_binding(tmp_path):
         ("trainer.foo=1", "trainer.foo", "not in struct"),
         ("world.n_letters=many", "world.n_letters", "Integer"),
         ("model.pretrain.n=1.5", "model.pretrain.n", "Integer"),
+        # a method's own settings, typed from its YAML
+        ("method=dpo method.beta=abc", "method.beta", "Float"),
+        ("method=dpo method.bta=0.2", "method.bta", "not in 'dpo'"),
+        ("method=dpo method.logp=max", "method.logp", "expected one of [sum, mean, fixed]"),
+        ("method=rmu method.layer=1.5", "method.layer", "Integer"),
+        ("method=mask_dpo method.mask.space=sparse", "method.mask.space", "expected one of [dense, factors]"),
+        ("method=mask_dpo method.mask.spce=dense", "method.mask.spce", "not in 'mask'"),
+        ("method=mask_dpo method.merge=dare", "method.merge", "expected one of [task_arithmetic, ties]"),
+        ("method=mask_dpo method.export=all", "method.export", "[none, expected, threshold, sample, topk]"),
     ],
 )
 def test_bad_value_fails_at_composition_naming_the_key(override, key, allowed):
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         with pytest.raises(ConfigCompositionException) as info:
-            compose("config", overrides=[override])
+            compose("config", overrides=override.split())
     assert key in str(info.value)
     assert allowed in f"{info.value} {info.value.__cause__}"
+
+
+TOY_YAML = """\
+defaults:
+  - schema_toy
+  - _self_
+name: toy
+strength: 0.5
+rounds: 3
+scale: null    # any value
+mode: soft     # soft | hard: a choice
+extra:
+  norm: l2     # l1 | l2
+  eps: 1.0e-6
+"""
+TOY_MODULE = """\
+from safety_lab.errors import SafetyLabError
+from safety_lab.methods import Method, method
+
+
+@method("toy")
+class Toy(Method):
+    def check(self, cfg):
+        if cfg.mode == "hard" and cfg.rounds > 1:
+            raise SafetyLabError(f"method.mode=hard takes one round, not method.rounds={cfg.rounds}")
+"""
+
+
+def test_a_new_method_is_its_module_and_its_yaml(tmp_path, monkeypatch):
+    """A method written as a module of safety_lab/methods and a YAML in conf/method, and nothing else: its settings
+    are typed, closed and choice-checked at composition from the YAML alone, and `build_method` finds it."""
+    conf = tmp_path / "conf"
+    shutil.copytree(CONF, conf)
+    (conf / "method" / "toy.yaml").write_text(TOY_YAML)
+    (tmp_path / "toy.py").write_text(TOY_MODULE)
+    monkeypatch.setattr(methods, "__path__", [*methods.__path__, str(tmp_path)])
+    monkeypatch.setitem(methods.METHODS, "toy", None)  # so that the registration is undone afterwards
+    register(conf)
+
+    def toy(*overrides: str):
+        with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
+            return compose("config", overrides=["method=toy", *overrides]).method
+
+    cfg = plain(toy("method.strength=2", "method.scale=[1, 2]", "method.extra.norm=l1"))
+    assert {k: cfg[k] for k in ("name", "strength", "rounds", "scale", "mode", "extra")} == {
+        "name": "toy",
+        "strength": 2.0,
+        "rounds": 3,
+        "scale": [1, 2],
+        "mode": "soft",
+        "extra": {"norm": "l1", "eps": 1e-6},
+    }
+    assert isinstance(cfg["strength"], float) and cfg["lr"] == 1e-3  # an int taken as a float; MethodConfig's lr
+    for override, key, reason in [
+        ("method.strength=abc", "method.strength", "Value 'abc' of type 'str' could not be converted to Float"),
+        ("method.rounds=1.5", "method.rounds", "Value '1.5' of type 'float' could not be converted to Integer"),
+        ("method.strenght=1.0", "method.strenght", "Key 'strenght' not in 'toy'"),
+        ("method.mode=medium", "method.mode", "Invalid value 'medium', expected one of [soft, hard]"),
+        ("method.extra.norm=l3", "method.extra.norm", "Invalid value 'l3', expected one of [l1, l2]"),
+    ]:
+        with pytest.raises(ConfigCompositionException) as info:
+            toy(override)
+        assert key in str(info.value) and str(info.value.__cause__).splitlines()[0] == reason
+    with pytest.raises(SafetyLabError, match="^method.mode=hard takes one round, not method.rounds=3$"):
+        methods.build_method("toy").check(toy("method.mode=hard"))
 
 
 # ---- the real command line ------------------------------------------------------------------------------------

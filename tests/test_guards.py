@@ -44,6 +44,21 @@ def test_numeric_settings_outside_their_range_are_named(override, message, tmp_p
     assert str(info.value) == message
 
 
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["method=cdpo", "method.beta_rejected=abc"], "method.beta_rejected='abc': must be a number > 0"),
+        (["method=unlearn", "method.clamp=0"], "method.clamp=0: must be > 0"),
+        (["method=dpo", "method.logp=fixed", "method.fixed_length=0"], "method.fixed_length=0: must be >= 1"),
+    ],
+)
+def test_a_method_setting_with_a_null_default_is_checked_by_its_range(overrides, message, tmp_path):
+    """A null default types a setting `Any` in the YAML's schema, so its range (and being a number) is checked here."""
+    with pytest.raises(SafetyLabError) as info:
+        check_values(OmegaConf.create(compose_resolved(overrides, tmp_path)))
+    assert str(info.value) == message
+
+
 def test_a_stage_nested_in_a_study_is_checked_too(tmp_path):
     cfg = OmegaConf.create(compose_resolved(["+experiment=realign", "method.tasks.obey.method.lr=-1"], tmp_path))
     with pytest.raises(SafetyLabError, match=r"^method.tasks.obey.method.lr=-1.0: must be > 0$"):

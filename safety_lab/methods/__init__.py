@@ -3,8 +3,8 @@
 A method turns a base model and a dataset into a tuned model; `Stages.apply` stores its output as an artifact named by
 its recipe and loads it back on reuse. Methods that train a LoRA adapter inherit saving and loading from `Method`.
 A new method is its module here (found by `build_method`, which imports every module of this package) and its YAML,
-`conf/method/<name>.yaml`, starting from `schema` or from the schema of its own settings: a `MethodConfig` subclass
-in config.py whose `name` defaults to the method's, stored as `schema_<name>` (docs/architecture.md).
+`conf/method/<name>.yaml`, which is also its schema: it starts from `schema_<name>`, the types of its own values and
+the choices its comments list, built by `config.register` (docs/architecture.md).
 """
 
 from __future__ import annotations
