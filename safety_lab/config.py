@@ -156,7 +156,7 @@ def method_schema(name: str, settings: dict, choices: dict[str, list[str]], pref
 class DatasetConfig:
     source: Source = Source.synthetic
     view: str | None = None  # synthetic: a name in worlds.synthetic.views.TRAIN_VIEWS
-    n: int = 4000
+    n: int | None = 4000  # file: null takes every row
     seed: int = 0
     args: dict[str, Any] = field(default_factory=dict)  # synthetic: extra arguments of the view
     path: str | None = None  # file: local path, folder or hub id
