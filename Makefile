@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install install-real run test test-slow bench clean
+.PHONY: install install-real run test test-slow bench gpu-check clean
 
 install: $(STAMP)
 
@@ -43,6 +43,11 @@ bench: install
 	$(PY) -m bench.contention
 	$(PY) -m bench.sweep +debug=fast align.dataset.n=64 fusion.inputs.task.dataset.n=64 \
 		fusion.inputs.safety.dataset.n=64 paths.artifacts=$(BENCH_STORE)
+
+# The first thing to run when a GPU is lent (README, "GPU check"): the SmolLM2 studies and the device settings in
+# ≤ 8 min, one table against the CPU reference (bench/gpu_check_reference.json). Without CUDA: one line, exit 0.
+gpu-check: install
+	$(PY) -m bench.gpu_check
 
 clean:
 	rm -rf $(VENV) outputs
