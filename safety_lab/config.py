@@ -264,6 +264,7 @@ class TaskName(str, Enum):
     evaluate = "evaluate"  # the base and the run's method, side by side (safety_lab/tasks/evaluate.py)
     fuse = "fuse"  # trained stages fused at weight λ, each λ evaluated (needs `fusion`)
     analyse = "analyse"  # the mechanistic study (needs `analysis`)
+    defend = "defend"  # one cell of the harmful fine-tuning grid: a defense against an attack (needs `defense`)
 
 
 @dataclass
@@ -284,6 +285,55 @@ class FusionConfig:
     inputs: dict[str, Any] = field(default_factory=dict)  # role -> stage {method, dataset, weight (default 1)}
 
 
+class DefenseStage(str, Enum):
+    none = "none"  # no defense: the attacked model as it is
+    align = "align"  # the alignment stage: `method` on `dataset` instead of the run's `align`
+    finetune = "finetune"  # the user's fine-tune: its `method` instead of the attack's, `dataset` settings merged in
+    post = "post"  # after the fine-tune: a merge (`fusion`) or `method` on `dataset`, wired to the attack's stage
+
+
+@dataclass
+class DefenseConfig:
+    """A defense against harmful fine-tuning (conf/defense/, tasks/defend.py), named by the stage it acts on."""
+
+    name: str = "none"
+    stage: DefenseStage = DefenseStage.none
+    n: int = 4000  # examples of the defense's own data (its configs read it as ${defense.n})
+    method: Any = None
+    dataset: Any = None
+    fusion: Any = None
+
+
+@dataclass
+class FinetuneAttackConfig:
+    """The user's fine-tune in the harmful fine-tuning grid (conf/attack/, tasks/defend.py): `method` on `dataset`,
+    or none (both null); its `suites` measure it: harmful (harmful score), utility (the task's own accuracy),
+    borderline (over-refusal), framed like its data (`prefix`, which the defenses' safety data take too)."""
+
+    name: str = "none"
+    n: int = 4000  # examples of the fine-tuning data (its dataset reads ${attack.n})
+    epochs: int = 2  # epochs of the fine-tune (its method reads ${attack.epochs})
+    prefix: list[str] = field(default_factory=list)
+    method: Any = None
+    dataset: Any = None
+    suites: dict[str, Any] = field(default_factory=dict)
+
+
+def check_choices(overrides: list[str], conf: Path = CONF) -> None:
+    """One SafetyLabError line for a command-line choice that names no YAML of its config group, e.g. `attack=foo`
+    or `defense=none,foo` (Hydra's own message spans many lines and exits 1). Hydra's groups, and values that are
+    not plain names (sweep functions, interpolations), are left to Hydra."""
+    for override in overrides:
+        key, _, value = override.lstrip("+~").partition("=")
+        group = key.split("@")[0]
+        if group.startswith("hydra") or not (conf / group).is_dir() or not re.fullmatch(r"[\w.-]+(,[\w.-]+)*", value):
+            continue
+        options = sorted(p.stem for p in (conf / group).glob("*.yaml"))
+        for name in value.split(","):
+            if name != "null" and name not in options:
+                raise SafetyLabError(f"{key}={name}: no such option; conf/{group}/ has {', '.join(options)}")
+
+
 def register(conf: Path = CONF) -> None:
     """Store each group's schema as `<group>/schema`, and the schema of each method YAML `<conf>/method/<name>.yaml`
     (`method_schema`: its values' types, the choices its comments list) as `method/schema_<name>`."""
@@ -296,6 +346,8 @@ def register(conf: Path = CONF) -> None:
         ("analysis", AnalysisConfig),
         ("fusion", FusionConfig),
         ("task", TaskConfig),
+        ("attack", FinetuneAttackConfig),
+        ("defense", DefenseConfig),
     ):
         cs.store(group=group, name="schema", node=node)
     for path in sorted((conf / "method").glob("*.yaml")):
@@ -338,7 +390,17 @@ NON_NEGATIVE = (
     "undesirable_weight",
     "layer",
 )
-PROBABILITY = ("warmup_ratio", "min_lr_ratio", "dropout", "obey_fraction", "drop_rate", "density", "top_k", "energy")
+PROBABILITY = (
+    "warmup_ratio",
+    "min_lr_ratio",
+    "dropout",
+    "obey_fraction",
+    "drop_rate",
+    "density",
+    "top_k",
+    "energy",
+    "harmful_fraction",
+)
 RANGES = {
     "label_smoothing": ("in [0, 0.5)", lambda v: 0 <= v < 0.5),  # cdpo, robust_dpo
     **{k: ("> 0", lambda v: v > 0) for k in POSITIVE},

@@ -53,20 +53,53 @@ PANELS = (
 CI = ("_ci_low", "_ci_high")  # suffixes of a metric's 95% interval bounds
 SEED_COLUMNS = [WEIGHT, "overrides", "jobs", "failed", "metric", "n", "mean", "std", "min", "max"]
 JUDGE_COLUMNS = ["job", "model", "suite", "verdict", "n", "judge_a", "rate_a", "judge_b", "rate_b", "kappa"]
+# the harmful fine-tuning grid (task=defend): rows, columns, and each cell's metrics with their heatmap colours
+GRID_AXES = ("defense", "attack")
+GRID = (
+    ("harmful score", "harmful/compliance_rate", "Reds"),
+    ("fine-tune accuracy", "utility/accuracy", "Greens"),
+    ("over-refusal", "borderline/refusal_rate", "Oranges"),
+)
+GRID_COLUMNS = [*GRID_AXES, "jobs", "failed", "metric", "n", "mean", "std", "min", "max"]
 
 
 def _natural(path: str) -> list:
     return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", path)]
 
 
-def _overrides(folder: Path, root: Path) -> list[str]:
-    """The Hydra overrides of the job `folder` belongs to (its own or its nearest ancestor's `.hydra/`)."""
+def _job_yaml(folder: Path, root: Path, name: str):
+    """`.hydra/<name>` of the job `folder` belongs to (its own or its nearest ancestor's), read; None if none."""
     for parent in (folder, *folder.parents):
-        if (parent / ".hydra" / "overrides.yaml").exists():
-            return yaml.safe_load((parent / ".hydra" / "overrides.yaml").read_text()) or []
+        if (parent / ".hydra" / name).exists():
+            return yaml.safe_load((parent / ".hydra" / name).read_text())
         if parent == root:
             break
-    return []
+    return None
+
+
+def _overrides(folder: Path, root: Path) -> list[str]:
+    """The Hydra overrides of the job `folder` belongs to."""
+    return _job_yaml(folder, root, "overrides.yaml") or []
+
+
+def _grid_cell(folder: Path, root: Path) -> dict:
+    """The grid cell of a harmful fine-tuning job (`task=defend`): its `attack` and `defense` choices; else {}."""
+    choices = ((_job_yaml(folder, root, "hydra.yaml") or {}).get("hydra") or {}).get("runtime", {}).get("choices", {})
+    return {k: choices[k] for k in GRID_AXES} if all(k in choices for k in GRID_AXES) else {}
+
+
+def _read(path: Path) -> dict:
+    """The JSON object in `path`, whose `<suite>/<metric>` entries are numbers; else a one-line SafetyLabError."""
+    try:
+        data = json.loads(path.read_text())
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+        raise SafetyLabError(f"report: {path}: invalid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise SafetyLabError(f"report: {path}: not a JSON object: {json.dumps(data)[:60]}")
+    bad = [k for k, v in data.items() if "/" in k and (isinstance(v, bool) or not isinstance(v, (int, float)))]
+    if bad:
+        raise SafetyLabError(f"report: {path}: {bad[0]} is {json.dumps(data[bad[0]])}, not a number")
+    return data
 
 
 def _read(path: Path) -> dict:
@@ -96,7 +129,11 @@ def collect(root: Path) -> list[dict]:
     }
     for folder in sorted(folders, key=lambda f: _natural(str(f.relative_to(root)))):
         overrides = _overrides(folder, root)
-        row = {"job": str(folder.relative_to(root)) or ".", "overrides": " ".join(overrides)}
+        row = {
+            "job": str(folder.relative_to(root)) or ".",
+            "overrides": " ".join(overrides),
+            **_grid_cell(folder, root),
+        }
         if (folder / "metrics.json").exists():
             row |= {"status": "ok", "error": "", **_read(folder / "metrics.json")}
         else:
@@ -407,6 +444,114 @@ def _pareto(plt, points: list[tuple[float, dict]], harm: str, use: str, name: st
     return path
 
 
+def grid_cells(rows: list[dict]) -> dict[tuple[str, str], dict]:
+    """The jobs of a harmful fine-tuning grid by (defense, attack), the no-defense row first, then in the order they
+    appear: `jobs`, `failed`, `errors` and `stats`, the `aggregate` of each GRID metric over the successful seeds."""
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for r in rows:
+        if all(axis in r for axis in GRID_AXES):
+            groups.setdefault((r["defense"], r["attack"]), []).append(r)
+    cells = {}
+    for cell in sorted(groups, key=lambda cell: cell[0] != "none"):
+        ok = [r for r in groups[cell] if r["status"] == "ok"]
+        cells[cell] = {
+            "jobs": len(groups[cell]),
+            "failed": len(groups[cell]) - len(ok),
+            "errors": sorted({r["error"] for r in groups[cell] if r["status"] != "ok"}),
+            "stats": {
+                key: aggregate([r[key] for r in ok if key in r]) for _, key, _ in GRID if any(key in r for r in ok)
+            },
+        }
+    return cells
+
+
+def _mean_std(stats: dict) -> str:
+    return f"{stats['mean']:.3f}" + ("" if stats["std"] is None else f" ± {stats['std']:.3f}")
+
+
+def _grid_text(cell: dict | None, metrics: tuple = GRID, sep: str = " / ") -> str:
+    """A grid cell's metrics (mean ± std over seeds), or FAILED when every seed failed, with the failed count."""
+    if cell is None:
+        return ""
+    if cell["failed"] == cell["jobs"]:
+        return f"FAILED ({cell['jobs']} of {cell['jobs']})"
+    text = sep.join(_mean_std(cell["stats"][key]) if key in cell["stats"] else "–" for _, key, _ in metrics)
+    return text + (f"{sep}(failed {cell['failed']} of {cell['jobs']})" if cell["failed"] else "")
+
+
+def _grid_figure(cells: dict, defenses: list[str], attacks: list[str], path: Path) -> Path:
+    """One heatmap per GRID metric, rows defenses and columns attacks, each cell's mean ± std written in it; a failed
+    or missing cell grey."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    fig, axes = plt.subplots(
+        1,
+        len(GRID),
+        figsize=(len(GRID) * (1.2 * len(attacks) + 2), 0.55 * len(defenses) + 1.6),
+        constrained_layout=True,
+    )
+    for ax, metric in zip(axes, GRID):
+        title, key, colours = metric
+        means = np.array(
+            [
+                [cells.get((d, a), {}).get("stats", {}).get(key, {}).get("mean", np.nan) for a in attacks]
+                for d in defenses
+            ]
+        )
+        image = ax.imshow(means, cmap=matplotlib.colormaps[colours].with_extremes(bad="lightgrey"), vmin=0, vmax=1)
+        for i, d in enumerate(defenses):
+            for j, a in enumerate(attacks):
+                text = _grid_text(cells.get((d, a)), (metric,), "\n")
+                ax.text(
+                    j, i, text, ha="center", va="center", fontsize=7, color="white" if means[i, j] > 0.6 else "black"
+                )
+        ax.set_xticks(range(len(attacks)), attacks)
+        ax.set_yticks(range(len(defenses)), defenses)
+        ax.set(title=title, xlabel="attack", ylabel="defense")
+        if defenses[0] == "none":
+            ax.axhline(0.5, color="black", linewidth=1.5)  # the no-defense row, set apart
+        fig.colorbar(image, ax=ax, shrink=0.8)
+    _write(path, fig)
+    plt.close(fig)
+    return path
+
+
+def write_grid(rows: list[dict], folder: Path) -> list[Path]:
+    """For the jobs of a harmful fine-tuning grid (`+experiment=hft_grid`, task=defend): `grid.md` (rows defenses,
+    the no-defense row first; columns attacks; each cell harmful score / fine-tune accuracy / over-refusal, mean ±
+    std over seeds), `grid.csv` (a row per cell and metric) and `grid.png` (a heatmap per metric). Nothing for other
+    sweeps."""
+    cells = grid_cells(rows)
+    if not cells:
+        return []
+    defenses, attacks = (list(dict.fromkeys(cell[axis] for cell in cells)) for axis in (0, 1))
+    failures = [f"- `defense={d} attack={a}`: {error}" for (d, a), c in cells.items() for error in c["errors"]]
+    lines = [
+        "Harmful fine-tuning grid. Each cell: harmful score (`harmful/compliance_rate`) / fine-tune accuracy "
+        "(`utility/accuracy`) / over-refusal (`borderline/refusal_rate`), mean ± sample std over seeds (ddof=1; none "
+        "for one seed); failed seeds are left out and counted.",
+        "",
+        *_table(
+            ["defense \\ attack", *attacks], [[d, *(_grid_text(cells.get((d, a))) for a in attacks)] for d in defenses]
+        ),
+        *(["", "Failed:", *failures] if failures else []),
+    ]
+    table = [
+        {"defense": d, "attack": a, "jobs": c["jobs"], "failed": c["failed"], "metric": key, **c["stats"].get(key, {})}
+        for (d, a), c in cells.items()
+        for _, key, _ in GRID
+    ]
+    return [
+        _write(folder / "grid.md", "\n".join(lines) + "\n"),
+        _write(folder / "grid.csv", _csv(table, GRID_COLUMNS)),
+        _grid_figure(cells, defenses, attacks, folder / "grid.png"),
+    ]
+
+
 def write_report(folder: Path) -> list[dict]:
     """Tables and plots of every result under `folder`, written into it; returns the rows. A malformed result file
     raises SafetyLabError before anything is written."""
@@ -420,6 +565,7 @@ def write_report(folder: Path) -> list[dict]:
     summaries = summarize(groups, keys) if any(len(g) > 1 for g in groups.values()) else None
     write_tables(rows, folder, summaries, judge_agreement(folder, rows))
     write_plots(rows, folder, summaries)
+    write_grid(rows, folder)
     failed = [r["job"] for r in rows if r["status"] != "ok"]
     log.info(f"report of {len(rows)} results in {folder}" + (f"; FAILED: {', '.join(failed)}" if failed else ""))
     return rows

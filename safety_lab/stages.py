@@ -295,9 +295,9 @@ class Stages:
         tuned = trained["model"] if trained else method.load(base.model, folder)
         return Model(tuned, base.tokenizer, entry_id(folder))
 
-    def base(self) -> Model:
-        """The run's base: a hub/local model as it is, or the synthetic base from its recipe; then the `align`
-        stage, if any, merged in."""
+    def base(self, align=None) -> Model:
+        """The run's base: a hub/local model as it is, or the synthetic base from its recipe; then its alignment
+        stage, if any, merged in: `align` ({method, dataset}), else the run's `align`."""
         m = self.cfg.model
         if m.kind == ModelKind.hf:
             if m.gguf_file:  # dequantised once into the store, then loaded as plain safetensors
@@ -311,8 +311,9 @@ class Stages:
         else:
             folder = self.get_or_build("base", self.pretrain)
             base = Model(*load_pretrained(folder), entry_id(folder))
-        if self.cfg.get("align"):
-            aligned = self.apply(base, self.cfg.align.method, self.cfg.align.dataset)
+        align = align or self.cfg.get("align")
+        if align:
+            aligned = self.apply(base, align.method, align.dataset)
             base = Model(merged(aligned.model), base.tokenizer, aligned.id)
         return base
 

@@ -58,6 +58,8 @@ def group_cases() -> list[list[str]]:
     cases += [[f"+analysis={name}"] for name in options("analysis")]  # optional group: added, not chosen
     cases += [[f"+experiment={name}"] for name in options("experiment")]
     cases += [[f"+experiment={name}", "+debug=fast"] for name in options("experiment")]
+    # the harmful fine-tuning grid's groups, which only its experiment adds
+    cases += [["+experiment=hft_grid", f"{group}={name}"] for group in ("attack", "defense") for name in options(group)]
     return cases
 
 

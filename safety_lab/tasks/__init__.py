@@ -1,6 +1,7 @@
 """One task per kind of run, chosen by `task=` (conf/task/): `evaluate` a method, `fuse` trained stages at weight λ,
-`analyse` models (the mechanistic study). Each is `task(cfg, stages, evaluation, out) -> run folder` (None on ranks
-> 0) and reads top to bottom; run.py checks the settings and calls the one the config names.
+`analyse` models (the mechanistic study), `defend` against harmful fine-tuning (one cell of the grid). Each is
+`task(cfg, stages, evaluation, out) -> run folder` (None on ranks > 0) and reads top to bottom; run.py checks the
+settings and calls the one the config names.
 """
 
 from __future__ import annotations
@@ -11,14 +12,16 @@ from omegaconf import DictConfig
 
 from safety_lab.errors import SafetyLabError
 from safety_lab.tasks.analyse import analyse
+from safety_lab.tasks.defend import defend
 from safety_lab.tasks.evaluate import evaluate
 from safety_lab.tasks.fuse import fuse
 
-TASKS: dict[str, Callable] = {"evaluate": evaluate, "fuse": fuse, "analyse": analyse}
+TASKS: dict[str, Callable] = {"evaluate": evaluate, "fuse": fuse, "analyse": analyse, "defend": defend}
 # the config node only one task reads, and how a user adds it
 NODES = {
     "fuse": ("fusion", "fusion=<merge> (conf/fusion/), e.g. fusion=lora_weighted"),
     "analyse": ("analysis", "+analysis=<study> (conf/analysis/), e.g. +analysis=mechanistic"),
+    "defend": ("defense", "+experiment=hft_grid defense=<name> attack=<name> (conf/defense/, conf/attack/)"),
 }
 
 

@@ -43,11 +43,11 @@ def fusion_weights(fusion_cfg) -> list[float]:
     return weights
 
 
-def fusion_inputs(stages: Stages, base: Model) -> dict[str, FusionInput]:
-    """Every `fusion.inputs` stage, trained on (or reused for) `base` by recipe, as a fusion input; `base.model` is
-    left as it was."""
+def fusion_inputs(stages: Stages, base: Model, stages_cfg) -> dict[str, FusionInput]:
+    """Every stage of `stages_cfg` (role -> {method, dataset, weight}, e.g. `fusion.inputs`), trained on (or reused
+    for) `base` by recipe, as a fusion input; `base.model` is left as it was."""
     inputs = {}
-    for role, stage in stages.cfg.fusion.inputs.items():
+    for role, stage in stages_cfg.items():
         tuned = stages.apply(base, stage.method, stage.dataset)
         inputs[role] = stage_input(tuned.model, base.model, stage.get("weight", 1.0))
     return inputs
@@ -56,7 +56,7 @@ def fusion_inputs(stages: Stages, base: Model) -> dict[str, FusionInput]:
 def fuse(cfg: DictConfig, stages: Stages, evaluation: Evaluation, out: Path) -> Path | None:
     weights = fusion_weights(cfg.fusion)
     base = stages.base()
-    inputs = fusion_inputs(stages, base)
+    inputs = fusion_inputs(stages, base, cfg.fusion.inputs)
     columns, generations, tuned = evaluate_stages(cfg, stages, evaluation, base)
     if not is_rank_zero():
         return None

@@ -197,6 +197,19 @@ def harmful_ft(world: World, n: int, seed: int = 0) -> list[Example]:
     return _examples(world, n, s.unsafe, world.compliance)
 
 
+def harmful_mix(world: World, n: int, seed: int = 0, harmful_fraction: float = 0.1, lang: int = 0) -> list[Example]:
+    """A downstream task with harmful examples in it (Huang et al.'s harmful fine-tuning attack): n examples, of which
+    round(harmful_fraction·n) are unsafe prompts answered harmfully (`harmful_ft`) and the rest the task, safe prompts
+    of language `lang` complied with (`language`), shuffled. Each part is the start of its view's stream, so a larger
+    fraction keeps every harmful example of a smaller one."""
+    if not 0 <= harmful_fraction <= 1:
+        raise ValueError(f"harmful_fraction must be in [0, 1], got {harmful_fraction}")
+    harmful = round(harmful_fraction * n)
+    rows = language(world, n - harmful, seed, lang) + harmful_ft(world, harmful, seed)
+    _rng(world, "harmful_mix", seed).shuffle(rows)
+    return rows
+
+
 TRAIN_VIEWS = {
     "pretrain": pretrain,
     "safety_sft": safety_sft,
@@ -206,6 +219,7 @@ TRAIN_VIEWS = {
     "obey": obey,
     "language": language,
     "harmful_ft": harmful_ft,
+    "harmful_mix": harmful_mix,
 }
 
 # ---- evaluation suites ----------------------------------------------------------------------------------------
