@@ -153,6 +153,15 @@ def method_schema(name: str, settings: dict, choices: dict[str, list[str]], pref
 
 
 @dataclass
+class MixConfig:
+    """One entry of `dataset.mix`: its records are `fraction` of the mixed data; `dataset` is a dataset config (its
+    `n` set from the fraction), checked against DatasetConfig with the entry (sources.checked_mix)."""
+
+    fraction: float = 0.1
+    dataset: Any = None
+
+
+@dataclass
 class DatasetConfig:
     source: Source = Source.synthetic
     view: str | None = None  # synthetic: a name in worlds.synthetic.views.TRAIN_VIEWS
@@ -166,6 +175,10 @@ class DatasetConfig:
     response_key: str = "response"
     preferences: bool = False  # file: rows are (prompt, chosen, rejected) preference pairs
     label_key: str | None = None  # file: rows are unpaired (prompt, completion: response_key, this boolean column)
+    # other data mixed in, name -> MixConfig: each entry's records make `fraction` of the mixed data (safety-data
+    # mixing: '+dataset.mix.safety={fraction: 0.1, dataset: {view: refusals}}'); typed loosely, as eval.suites are,
+    # and checked by sources.checked_mix
+    mix: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -376,6 +389,8 @@ AT_LEAST_ONE = (
     "row_space_k",
     "threads",
     "every_n_steps",
+    "alignment_steps",
+    "finetune_steps",
 )
 NON_NEGATIVE = (
     "weight_decay",
@@ -388,6 +403,8 @@ NON_NEGATIVE = (
     "odds_ratio_weight",
     "desirable_weight",
     "undesirable_weight",
+    "rho",
+    "l2_weight",
     "layer",
 )
 PROBABILITY = (
@@ -399,10 +416,13 @@ PROBABILITY = (
     "density",
     "top_k",
     "energy",
+    "proximal_warmup",
+    "fraction",
     "harmful_fraction",
 )
 RANGES = {
     "label_smoothing": ("in [0, 0.5)", lambda v: 0 <= v < 0.5),  # cdpo, robust_dpo
+    "prune_ratio": ("in (0, 1]", lambda v: 0 < v <= 1),  # antidote
     **{k: ("> 0", lambda v: v > 0) for k in POSITIVE},
     **{k: (">= 1", lambda v: v >= 1) for k in AT_LEAST_ONE},
     **{k: (">= 0", lambda v: v >= 0) for k in NON_NEGATIVE},

@@ -20,6 +20,7 @@ from safety_lab.distributed import job_threads
 from safety_lab.errors import SafetyLabError
 from safety_lab.eval.during_training import check_settings
 from safety_lab.methods import build_method
+from safety_lab.sources import checked_mix
 from safety_lab.stages import Stages
 from safety_lab.tasks import task_of
 from safety_lab.tasks.results import Evaluation
@@ -30,6 +31,7 @@ log = logging.getLogger(__name__)
 def run(cfg: DictConfig) -> Path | None:
     """The run folder holding `metrics.json` (None on ranks > 0 of a multi-process run)."""
     check_values(cfg)
+    checked_mix(cfg.dataset)
     task = task_of(cfg)
     torch.set_num_threads(job_threads(cfg))
     log.info("%d intra-op threads", torch.get_num_threads())

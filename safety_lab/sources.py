@@ -9,7 +9,7 @@ from __future__ import annotations
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from safety_lab.config import Source, SuiteConfig
+from safety_lab.config import DatasetConfig, MixConfig, Source, SuiteConfig
 from safety_lab.data import io
 from safety_lab.data.adapters import load_rows
 from safety_lab.data.records import Probe
@@ -40,6 +40,32 @@ def load_examples(cfg, world: World) -> list:
     else:
         examples = io.to_examples(rows, cfg.prompt_key, cfg.response_key, source=cfg.path)
     return examples[: cfg.n] if cfg.n else examples
+
+
+def checked_mix(cfg) -> dict:
+    """`dataset.mix` checked before anything loads: each entry against MixConfig and its dataset against
+    DatasetConfig ({name: (fraction, dataset config)}), the fractions summing to less than 1."""
+    mix = {}
+    for name, node in (cfg.get("mix") or {}).items():
+        try:
+            entry = OmegaConf.merge(OmegaConf.structured(MixConfig), node)
+            mix[name] = entry.fraction, OmegaConf.merge(OmegaConf.structured(DatasetConfig), entry.dataset or {})
+        except OmegaConfBaseException as e:
+            raise SafetyLabError(f"dataset.mix.{name}: {str(e).splitlines()[0]}") from e
+    total = sum(fraction for fraction, _ in mix.values())
+    if total >= 1:
+        raise SafetyLabError(f"dataset.mix: the fractions sum to {total:g}; they must sum to less than 1")
+    return mix
+
+
+def mix_parts(cfg, n_user: int) -> dict:
+    """Each `dataset.mix` entry's dataset config with its `n` set to the records it adds: round(f·n/(1 − Σf)) for
+    `fraction` f, so that it makes f of the user's n records plus every entry's."""
+    mix = checked_mix(cfg)
+    total = sum(fraction for fraction, _ in mix.values())
+    for fraction, dataset in mix.values():
+        dataset.n = round(fraction * n_user / (1 - total))
+    return {name: dataset for name, (_, dataset) in mix.items()}
 
 
 def load_prompts(cfg) -> list[str]:

@@ -21,6 +21,9 @@ Conventions worth knowing:
   entry, a DELLA row of one entry is kept with probability density − ε. mergekit's `slerp` interpolates full weights
   W0 + τ; here, as every merge sees only task vectors, `slerp` interpolates the two task vectors.
 - `safe_lora` uses Safe LoRA's C = V·Vᵀ/‖V‖_F (V the aligned-minus-unaligned weights), as its paper and code do.
+- `safemerge` takes Safe LoRA's cosine per weight, with the `safety` input's update as V (as `safe_lora` here), and
+  merges the layers below the threshold exactly in ΔW, (1−λ)·ΔW_task + λ·ΔW_safety, as the paper writes it; its code
+  merges them with PEFT's `linear` (the factors averaged, so cross terms B_task·A_safety enter: see `lora_linear`).
 """
 
 from __future__ import annotations
@@ -209,6 +212,20 @@ def resta(task: TaskVector, safety: TaskVector, gamma: float) -> TaskVector:
     return task_arithmetic([task, safety], [1.0, gamma])
 
 
+def _safety_projection(task: TaskVector, aligned: TaskVector, merge: str) -> tuple[TaskVector, dict[str, float]]:
+    """Safe LoRA's C·ΔW per weight, C = V·Vᵀ/‖V‖_F with V the aligned update, and cosine(C·ΔW, ΔW)."""
+    projected, cosines = {}, {}
+    for k, delta in task.items():
+        if k not in aligned:
+            raise ValueError(f"{merge}: no aligned update for {k}")
+        v = aligned[k].float()
+        projected[k] = (v @ v.T / torch.linalg.norm(v)) @ delta.float()
+        cosines[k] = torch.nn.functional.cosine_similarity(
+            projected[k].reshape(1, -1), delta.float().reshape(1, -1)
+        ).item()
+    return projected, cosines
+
+
 def safe_lora(
     task: TaskVector, aligned: TaskVector, threshold: float | None = 0.5, num_layers: int | None = None
 ) -> tuple[TaskVector, dict[str, float]]:
@@ -216,20 +233,26 @@ def safe_lora(
     cosine(C·ΔW, ΔW) ≤ `threshold`, or on the `num_layers` least similar ones. Returns (vector, the cosines)."""
     if (threshold is None) == (num_layers is None):
         raise ValueError("set exactly one of threshold or num_layers")
-    projected, cosines = {}, {}
-    for k, delta in task.items():
-        if k not in aligned:
-            raise ValueError(f"safe_lora: no aligned update for {k}")
-        v = aligned[k].float()
-        projected[k] = (v @ v.T / torch.linalg.norm(v)) @ delta.float()
-        cosines[k] = torch.nn.functional.cosine_similarity(
-            projected[k].reshape(1, -1), delta.float().reshape(1, -1)
-        ).item()
+    projected, cosines = _safety_projection(task, aligned, "safe_lora")
     if threshold is not None:
         chosen = {k for k, c in cosines.items() if c <= threshold}
     else:
         chosen = set(sorted(cosines, key=cosines.get)[:num_layers])
     return {k: projected[k] if k in chosen else delta.float().clone() for k, delta in task.items()}, cosines
+
+
+def safemerge(
+    task: TaskVector, safety: TaskVector, weight: float, threshold: float = 0.35
+) -> tuple[TaskVector, dict[str, float]]:
+    """SafeMERGE (Djuhera et al. 2025): per weight, the cosine of Safe LoRA (`_safety_projection`, V the safety
+    update) decides; a weight whose cosine is below `threshold` becomes (1−λ)·ΔW_task + λ·ΔW_safety, any other keeps
+    ΔW_task. Returns (vector, the cosines)."""
+    _, cosines = _safety_projection(task, safety, "safemerge")
+    merged = {
+        k: lora_weighted({k: delta}, {k: safety[k]}, weight)[k] if cosines[k] < threshold else delta.float().clone()
+        for k, delta in task.items()
+    }
+    return merged, cosines
 
 
 def _l1_rescaled(kept: torch.Tensor, original: torch.Tensor) -> torch.Tensor:
@@ -485,6 +508,23 @@ def _resta(inputs, weight):
 def _safe_lora(inputs, weight, threshold: float | None = 0.5, num_layers: int | None = None):
     projected, _ = safe_lora(inputs["task"].delta, inputs["safety"].delta, threshold, num_layers)
     return task_arithmetic([projected], [weight])
+
+
+def _check_safemerge(threshold: float, **_) -> None:
+    if not -1 <= threshold <= 1:
+        raise ValueError(f"threshold={threshold}: a cosine threshold must be in [-1, 1]")
+
+
+@merge_method(
+    "safemerge",
+    ("task", "safety"),
+    "λ: the safety adapter's share in the layers merged (SafeMERGE: 0.2)",
+    (0.0, 1.0),
+    check_args=_check_safemerge,
+)
+def _safemerge(inputs, weight, threshold: float = 0.35):
+    merged, _ = safemerge(inputs["task"].delta, inputs["safety"].delta, weight, threshold)
+    return merged
 
 
 @merge_method("breadcrumbs", check_args=_check_breadcrumbs)

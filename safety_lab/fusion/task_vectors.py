@@ -12,7 +12,7 @@ from peft import PeftModel
 from peft.tuners.lora import LoraLayer
 
 
-def _base_name(module_name: str) -> str:
+def base_weight_name(module_name: str) -> str:
     name = module_name.removeprefix("base_model.model.")
     return f"{name}.weight"
 
@@ -22,7 +22,7 @@ def lora_task_vector(model: PeftModel, adapter: str = "default") -> dict[str, to
     deltas = {}
     for name, module in model.named_modules():
         if isinstance(module, LoraLayer) and adapter in module.lora_A:
-            deltas[_base_name(name)] = module.get_delta_weight(adapter).detach().float().clone()
+            deltas[base_weight_name(name)] = module.get_delta_weight(adapter).detach().float().clone()
     return deltas
 
 
@@ -31,7 +31,7 @@ def lora_factors(model: PeftModel, adapter: str = "default") -> dict[str, torch.
     factors = {}
     for name, module in model.named_modules():
         if isinstance(module, LoraLayer) and adapter in module.lora_A:
-            base = _base_name(name)
+            base = base_weight_name(name)
             factors[f"{base}.lora_A"] = module.lora_A[adapter].weight.detach().float().clone()
             factors[f"{base}.lora_B"] = module.lora_B[adapter].weight.detach().float().clone()
     return factors

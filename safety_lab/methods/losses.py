@@ -222,3 +222,12 @@ def rmu_loss(
     return masked_mse(forget, control, forget_mask) + retain_weight * masked_mse(
         retain, frozen_retain.detach(), retain_mask
     )
+
+
+# ---- pulls towards anchor weights (Lisa's proximal term, L2 towards the aligned weights) ------------------------
+def l2_penalty(tensors, weight: float, anchors=None) -> torch.Tensor:
+    """weight/2 · Σ_i ‖t_i − a_i‖²_F (a_i = 0 without `anchors`): Lisa's proximal term ρ/2·‖w − w_anchor‖² over the
+    trainable weights, and sft_l2's λ/2·‖W − W_aligned‖² over each adapted layer's ΔW."""
+    anchors = anchors if anchors is not None else [None] * len(tensors)
+    total = sum((t.float() - (a.float() if a is not None else 0)).pow(2).sum() for t, a in zip(tensors, anchors))
+    return weight / 2 * torch.as_tensor(total)

@@ -72,19 +72,31 @@ def chosen_examples(records: list) -> list[Example]:
     return [Example(r.prompt, r.chosen) if isinstance(r, Preference) else r for r in records]
 
 
+def sft_data(stages, base, method_cfg, dataset_cfg) -> TokenizedExamples:
+    """The dataset's examples (a preference pair's chosen side), tokenised for `SFTModule`."""
+    return TokenizedExamples(
+        chosen_examples(training_records(stages, base, method_cfg, dataset_cfg, Example, Preference)),
+        base.tokenizer,
+        stages.template,
+        stages.cfg.model.max_length,
+        method_cfg.train_on_prompt,
+    )
+
+
+def optimiser_settings(method_cfg) -> dict:
+    m = method_cfg
+    return {"lr": m.lr, "weight_decay": m.weight_decay, "warmup_ratio": m.warmup_ratio, "min_lr_ratio": m.min_lr_ratio}
+
+
 @method("sft")
 class SFT(Method):
+    def module(self, tuned, stages, base, method_cfg) -> SFTModule:
+        """The LightningModule that trains `tuned` (SFT's variants give their own)."""
+        return SFTModule(tuned, **optimiser_settings(method_cfg))
+
     def train(self, stages, base, method_cfg, dataset_cfg):
         m = method_cfg
-        data = TokenizedExamples(
-            chosen_examples(training_records(stages, base, m, dataset_cfg, Example, Preference)),
-            base.tokenizer,
-            stages.template,
-            stages.cfg.model.max_length,
-            m.train_on_prompt,
-        )
+        data = sft_data(stages, base, m, dataset_cfg)
         tuned = trainable(base.model, plain(m.lora))
-        module = SFTModule(
-            tuned, lr=m.lr, weight_decay=m.weight_decay, warmup_ratio=m.warmup_ratio, min_lr_ratio=m.min_lr_ratio
-        )
+        module = self.module(tuned, stages, base, m)
         return tuned, stages.fit(self.name, module, data, m.batch_size, m.epochs, stages.cfg.seed)
