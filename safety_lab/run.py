@@ -48,4 +48,9 @@ def run(cfg: DictConfig) -> Path | None:
     check_settings(cfg.eval, evaluation.judge.labels)  # eval.during_training
     if cfg.method.name != "none":
         build_method(cfg.method.name).check(cfg.method)
+    if cfg.get("align"):  # the align stage's method too; its messages name `method.<key>`, so they get the stage
+        try:
+            build_method(cfg.align.method.name).check(cfg.align.method)
+        except SafetyLabError as e:
+            raise SafetyLabError(f"align.{e}" if str(e).startswith("method") else f"align: {e}") from None
     return task(cfg, stages, evaluation, out)
