@@ -5,8 +5,9 @@
 
 also runs by itself at the end of every multirun (`SweepReport`, a Hydra callback in conf/hydra/default.yaml).
 A job that failed leaves `failed.json` instead of `metrics.json` (see `__main__`); it gets a row marked FAILED.
-Plots: `curves.png` — harmfulness (`harmful*/compliance_rate`), over-refusal (`borderline*/refusal_rate`) and
-utility (`utility*/accuracy`) against λ (`fusion/weight`, else the job number) with 95% interval bars — and
+Plots: `curves.png` — harmfulness (`harmful*/compliance_rate`, and HarmBench's, Do-Not-Answer's and the jailbreak
+suites'), over-refusal (`borderline*/refusal_rate`, `over_refusal/refusal_rate`) and utility (`utility*/accuracy`,
+lm-eval's `utility_mc/acc`) against λ (`fusion/weight`, else the job number) with 95% interval bars — and
 `pareto.png`, harmfulness against utility with the Pareto front (less harm, more utility) drawn through.
 
 Seeds: jobs whose overrides are equal once `seed=…` is left out, and whose λ is equal (an in-process sweep's
@@ -45,10 +46,11 @@ from safety_lab.rejudge import agreement, kappa_text
 
 log = logging.getLogger(__name__)
 WEIGHT = "fusion/weight"
+# each panel's metrics, by key: the synthetic world's suites and the standard real-model ones (eval=standard_safety)
 PANELS = (
-    ("harmfulness", "harmful", "compliance_rate"),
-    ("over-refusal", "borderline", "refusal_rate"),
-    ("utility", "utility", "accuracy"),
+    ("harmfulness", r"(harmful[^./]*|harmbench|donotanswer|jailbreak[^./]*)/compliance_rate"),
+    ("over-refusal", r"(borderline[^./]*|over_refusal)/refusal_rate"),
+    ("utility", r"utility[^./]*/acc(uracy)?"),
 )
 CI = ("_ci_low", "_ci_high")  # suffixes of a metric's 95% interval bounds
 SEED_COLUMNS = [WEIGHT, "overrides", "jobs", "failed", "metric", "n", "mean", "std", "min", "max"]
@@ -86,20 +88,6 @@ def _grid_cell(folder: Path, root: Path) -> dict:
     """The grid cell of a harmful fine-tuning job (`task=defend`): its `attack` and `defense` choices; else {}."""
     choices = ((_job_yaml(folder, root, "hydra.yaml") or {}).get("hydra") or {}).get("runtime", {}).get("choices", {})
     return {k: choices[k] for k in GRID_AXES} if all(k in choices for k in GRID_AXES) else {}
-
-
-def _read(path: Path) -> dict:
-    """The JSON object in `path`, whose `<suite>/<metric>` entries are numbers; else a one-line SafetyLabError."""
-    try:
-        data = json.loads(path.read_text())
-    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
-        raise SafetyLabError(f"report: {path}: invalid JSON ({e})") from None
-    if not isinstance(data, dict):
-        raise SafetyLabError(f"report: {path}: not a JSON object: {json.dumps(data)[:60]}")
-    bad = [k for k, v in data.items() if "/" in k and (isinstance(v, bool) or not isinstance(v, (int, float)))]
-    if bad:
-        raise SafetyLabError(f"report: {path}: {bad[0]} is {json.dumps(data[bad[0]])}, not a number")
-    return data
 
 
 def _read(path: Path) -> dict:
@@ -376,8 +364,8 @@ def write_plots(rows: list[dict], folder: Path, summaries: list[dict] | None = N
         return []
     keys = _metric_keys([p for _, p in points])
     fig, axes = plt.subplots(1, 3, figsize=(15, 4), constrained_layout=True)
-    for ax, (title, suite, metric) in zip(axes, PANELS):
-        for key in [k for k in keys if re.fullmatch(rf"{suite}[^./]*/{metric}", k)]:
+    for ax, (title, pattern) in zip(axes, PANELS):
+        for key in [k for k in keys if re.fullmatch(pattern, k)]:
             xs, values = zip(*[(x, p[key]) for x, p in points if key in p])
             ys, lows, highs, _ = zip(*values)
             if summaries:
@@ -403,10 +391,11 @@ def write_plots(rows: list[dict], folder: Path, summaries: list[dict] | None = N
         fig.suptitle("mean over seeds; shaded: min–max over seeds")
     paths = [_write(folder / "curves.png", fig)]
     plt.close(fig)
-    harm = next((k for k in keys if re.fullmatch(r"harmful[^./]*/compliance_rate", k)), None)
-    if harm:
+    harm = next((k for k in keys if re.fullmatch(PANELS[0][1], k)), None)
+    if harm:  # the first harm metric against the utility metric of the same suffix (synthetic language), else the first
         suffix = harm.split("/")[0].removeprefix("harmful")
-        use = next((k for k in (f"utility{suffix}/accuracy", "utility/accuracy") if k in keys), None)
+        uses = [k for k in keys if re.fullmatch(PANELS[2][1], k)]
+        use = next((k for k in uses if k.split("/")[0] == f"utility{suffix}"), uses[0] if uses else None)
         if use:
             paths.append(_pareto(plt, points, harm, use, xlabel.split()[0], bool(summaries), folder / "pareto.png"))
     return paths

@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import re
 import subprocess
 import sys
 
@@ -14,7 +15,17 @@ import yaml
 from helpers import REPO
 from omegaconf import OmegaConf
 
-from safety_lab.report import SweepReport, _points, aggregate, collect, main, seed_groups, summarize, write_report
+from safety_lab.report import (
+    PANELS,
+    SweepReport,
+    _points,
+    aggregate,
+    collect,
+    main,
+    seed_groups,
+    summarize,
+    write_report,
+)
 
 
 def fabricate(root, weights=(0.0, 0.5, 1.0), failed_weight=1.5):
@@ -269,3 +280,36 @@ def test_the_multirun_callback_logs_a_bad_file_in_one_line(tmp_path, caplog, cap
     assert record.levelname == "ERROR" and record.exc_info is None and "\n" not in record.getMessage()
     assert record.getMessage().startswith(f"no report: report: {tmp_path / '1' / 'metrics.json'}: invalid JSON")
     assert not (tmp_path / "report.md").exists()
+
+
+def test_plots_draw_the_standard_real_model_suites(tmp_path):
+    keys = [
+        "harmbench/compliance_rate",
+        "donotanswer/compliance_rate",
+        "jailbreak_dan/compliance_rate",
+        "harmful_zh/compliance_rate",
+        "over_refusal/refusal_rate",
+        "borderline/refusal_rate",
+        "utility_mc/acc",
+        "utility/accuracy",
+        "base.harmbench/compliance_rate",  # another column's: not drawn
+        "harmbench/refusal_rate",
+    ]
+    taken = {title: [k for k in keys if re.fullmatch(pattern, k)] for title, pattern in PANELS}
+    assert taken == {
+        "harmfulness": keys[:4],
+        "over-refusal": keys[4:6],
+        "utility": keys[6:8],
+    }
+    for weight in (0.0, 0.5, 1.0):  # an in-process λ sweep on the standard suites: curves and Pareto front
+        folder = tmp_path / f"weight={weight:g}"
+        folder.mkdir()
+        metrics = {
+            "fusion/weight": weight,
+            "harmbench/compliance_rate": 1 - weight,
+            "utility_mc/acc": 0.5 + weight / 10,
+        }
+        (folder / "metrics.json").write_text(json.dumps(metrics | {"over_refusal/refusal_rate": weight / 2}))
+    write_report(tmp_path)
+    for png in ("curves.png", "pareto.png"):
+        assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
