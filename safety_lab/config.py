@@ -3,13 +3,17 @@
 Each config group's YAML files start from the schema stored here under the name `schema` (`defaults: [schema,
 _self_]`), so a wrong type or an unknown choice fails with one line naming the key, the value and what is allowed.
 A method's YAML is its own schema: `register` types each conf/method/<name>.yaml by its values and stores that as
-`method/schema_<name>`, which the YAML starts from, so a new method needs no class here.
+`method/schema_<name>`, which the YAML starts from; its comments give its settings' choices (`# a | b`) and numeric
+ranges (`# > 0`, `# [0, 1]`), the latter checked with every other value by `check_values` before anything loads. So a
+new method needs nothing here.
 """
 
 from __future__ import annotations
 
 import math
+import operator
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields, make_dataclass
 from enum import Enum
 from pathlib import Path
@@ -116,18 +120,40 @@ class MethodConfig:
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 KEY = re.compile(r"( *)(\w+):")
-CHOICES = re.compile(r"[^#]*#\s*(\w+(?:\s*\|\s*\w+)+)")  # a comment that starts `a | b | c`
+COMMENT = re.compile(r"[^#]*#\s*(.*)")
+CHOICES = re.compile(r"\w+(?:\s*\|\s*\w+)+")  # a comment that starts `a | b | c`
+NUMBER = r"-?\d+(?:\.\d*)?(?:e[-+]?\d+)?"
+RANGE = re.compile(rf"(>=?)\s*({NUMBER})|([\[(])\s*({NUMBER})\s*,\s*({NUMBER})\s*([\])])")
+Range = tuple[str, Callable[[float], bool]]  # its wording in messages ("> 0", "in (0, 1]"), a test of a value
 
 
-def declared_choices(yaml_text: str) -> dict[str, list[str]]:
-    """{dotted key: its allowed values} of the YAML's `key: value  # a | b | c` lines (nesting by indentation)."""
-    choices, parents = {}, []
+def allowed(text: str) -> Range | None:
+    """The range `text` starts with: `> x`, `>= x`, or an interval `[a, b]`, `(a, b]`, `[a, b)`, `(a, b)`; None if
+    it starts with none."""
+    if not (found := RANGE.match(text)):
+        return None
+    sign, bound, left, low, high, right = found.groups()
+    if sign:
+        x, above = float(bound), operator.ge if sign == ">=" else operator.gt
+        return f"{sign} {bound}", lambda v: above(v, x)
+    a, b = float(low), float(high)
+    lower, upper = (operator.le if left == "[" else operator.lt), (operator.le if right == "]" else operator.lt)
+    return f"in {left}{low}, {high}{right}", lambda v: lower(a, v) and upper(v, b)
+
+
+def declared(yaml_text: str) -> tuple[dict[str, list[str]], dict[str, Range]]:
+    """What the YAML's comments declare of its settings (dotted keys, nesting by indentation): the allowed values of
+    each `key: value  # a | b | c` line, and the range of each `key: value  # > x` line (`allowed`)."""
+    choices, ranges, parents = {}, {}, []
     for line in yaml_text.splitlines():
         if key := KEY.match(line):
             parents = [p for p in parents if p[0] < len(key[1])] + [(len(key[1]), key[2])]
-            if listed := CHOICES.match(line):
-                choices[".".join(name for _, name in parents)] = re.split(r"\s*\|\s*", listed[1])
-    return choices
+            where, comment = ".".join(name for _, name in parents), COMMENT.match(line)
+            if comment and (listed := CHOICES.match(comment[1])):
+                choices[where] = re.split(r"\s*\|\s*", listed[0])
+            elif comment and (limits := allowed(comment[1])):
+                ranges[where] = limits
+    return choices, ranges
 
 
 def method_schema(name: str, settings: dict, choices: dict[str, list[str]], prefix: str = "") -> type:
@@ -349,7 +375,8 @@ def check_choices(overrides: list[str], conf: Path = CONF) -> None:
 
 def register(conf: Path = CONF) -> None:
     """Store each group's schema as `<group>/schema`, and the schema of each method YAML `<conf>/method/<name>.yaml`
-    (`method_schema`: its values' types, the choices its comments list) as `method/schema_<name>`."""
+    (`method_schema`: its values' types, the choices its comments list) as `method/schema_<name>`; the ranges its
+    comments give go to METHOD_RANGES[<name>]."""
     cs = ConfigStore.instance()
     for group, node in (
         ("world", WorldSpec),
@@ -367,84 +394,67 @@ def register(conf: Path = CONF) -> None:
         text = path.read_text()
         settings = OmegaConf.to_container(OmegaConf.create(text))
         settings.pop("defaults", None)
-        cs.store(
-            group="method", name=f"schema_{path.stem}", node=method_schema(path.stem, settings, declared_choices(text))
-        )
+        choices, METHOD_RANGES[path.stem] = declared(text)
+        cs.store(group="method", name=f"schema_{path.stem}", node=method_schema(path.stem, settings, choices))
 
 
-# Numeric settings whose range is known, checked by key name wherever they occur (the run's method, the align, fusion
-# and mask-DPO task stages, datasets, suites, merge arguments); an unset (null) value keeps its default.
-POSITIVE = ("lr", "beta", "beta_rejected", "steering_coeff", "clamp")
-AT_LEAST_ONE = (
-    "epochs",
-    "n",
-    "batch_size",
-    "ref_batch_size",
-    "fixed_length",
-    "accumulate_grad_batches",
-    "max_new_tokens",
-    "r",
-    "steps",
-    "lipschitz_n",
-    "row_space_k",
-    "threads",
-    "every_n_steps",
-    "alignment_steps",
-    "finetune_steps",
-)
-NON_NEGATIVE = (
-    "weight_decay",
-    "gradient_clip_val",
-    "retain_weight",
-    "forget_weight",
-    "sparsity",
-    "alpha",
-    "gamma_beta_ratio",
-    "odds_ratio_weight",
-    "desirable_weight",
-    "undesirable_weight",
-    "rho",
-    "l2_weight",
-    "layer",
-)
-PROBABILITY = (
-    "warmup_ratio",
-    "min_lr_ratio",
-    "dropout",
-    "obey_fraction",
-    "drop_rate",
-    "density",
-    "top_k",
-    "energy",
-    "proximal_warmup",
-    "fraction",
-    "harmful_fraction",
-)
-RANGES = {
-    "label_smoothing": ("in [0, 0.5)", lambda v: 0 <= v < 0.5),  # cdpo, robust_dpo
-    "prune_ratio": ("in (0, 1]", lambda v: 0 < v <= 1),  # antidote
-    **{k: ("> 0", lambda v: v > 0) for k in POSITIVE},
-    **{k: (">= 1", lambda v: v >= 1) for k in AT_LEAST_ONE},
-    **{k: (">= 0", lambda v: v >= 0) for k in NON_NEGATIVE},
-    **{k: ("in [0, 1]", lambda v: 0 <= v <= 1) for k in PROBABILITY},
+# The ranges of the settings that are not a method's own (datasets, suites, eval, trainer, model, merge arguments,
+# analysis, and the settings every method has: MethodConfig, LoraSettings), checked by key name wherever they occur;
+# a method's own settings state theirs in its YAML, e.g. `rho: 2.0  # > 0: ...` (METHOD_RANGES).
+SHARED = {
+    "> 0": ("lr",),
+    ">= 1": (
+        "epochs",
+        "n",
+        "batch_size",
+        "accumulate_grad_batches",
+        "max_new_tokens",
+        "r",
+        "steps",
+        "lipschitz_n",
+        "row_space_k",
+        "threads",
+        "every_n_steps",
+    ),
+    ">= 0": ("weight_decay", "gradient_clip_val", "alpha"),
+    "[0, 1]": (
+        "warmup_ratio",
+        "min_lr_ratio",
+        "dropout",
+        "obey_fraction",
+        "drop_rate",
+        "density",
+        "energy",
+        "fraction",
+        "harmful_fraction",
+    ),
 }
+RANGES = {key: allowed(text) for text, keys in SHARED.items() for key in keys}
+METHOD_RANGES: dict[str, dict[str, Range]] = {}  # method name -> {dotted setting: range}, filled by `register`
 UNCHECKED = ("hydra", "judge_args", "trainer")  # other programs' settings, checked by those programs
 
 
-def check_values(node, path: str = "") -> None:
-    """Raise one `SafetyLabError` line naming the first numeric setting outside its known range (RANGES), not
-    finite, or not a number (a setting whose schema type is `Any`, as a method's null default), e.g.
-    `method.lr=-0.001: must be > 0`."""
+def check_values(node, path: str = "", own: dict[str, Range] | None = None) -> None:
+    """Raise one `SafetyLabError` line naming the first numeric setting outside its range, not finite, or not a
+    number (a setting whose schema type is `Any`, as a method's null default), e.g. `method.lr=-0.001: must be > 0`.
+    A node whose `name` names a method is that method's config, wherever it is (the run's method, align.method,
+    fusion inputs, mask-DPO tasks, defense and attack methods): its settings are checked against the ranges its YAML
+    declares (METHOD_RANGES), any other key against RANGES. `own`: the method's declared ranges under `path`."""
+    own = own or {}
+    if isinstance(node, DictConfig) and node.get("name") in METHOD_RANGES:
+        own = METHOD_RANGES[node.name]
     items = node.items() if isinstance(node, DictConfig) else enumerate(node) if isinstance(node, ListConfig) else ()
     for key, value in items:
         where = f"{path}.{key}" if path else str(key)
+        limits = own.get(key) or RANGES.get(key)
         if isinstance(value, (DictConfig, ListConfig)):
             if key not in UNCHECKED:
-                check_values(value, where)
+                inner = {k.removeprefix(f"{key}."): r for k, r in own.items() if k.startswith(f"{key}.")}
+                check_values(value, where, inner)
         elif isinstance(value, (int, float)) and not isinstance(value, bool):
             if not math.isfinite(value):
                 raise SafetyLabError(f"{where}={value}: must be a finite number")
-            if key in RANGES and not RANGES[key][1](value):
-                raise SafetyLabError(f"{where}={value}: must be {RANGES[key][0]}")
-        elif key in RANGES and value is not None:
-            raise SafetyLabError(f"{where}={value!r}: must be a number {RANGES[key][0]}")
+            if limits and not limits[1](value):
+                raise SafetyLabError(f"{where}={value}: must be {limits[0]}")
+        elif limits and value is not None:
+            raise SafetyLabError(f"{where}={value!r}: must be a number {limits[0]}")

@@ -26,7 +26,7 @@ from omegaconf import OmegaConf, open_dict
 
 from safety_lab import methods
 from safety_lab.artifacts import recipe_hash
-from safety_lab.config import Source, plain, register
+from safety_lab.config import Source, check_values, plain, register
 from safety_lab.data.template import PromptTemplate
 from safety_lab.errors import SafetyLabError
 from safety_lab.sources import checked_suite, load_suites
@@ -63,9 +63,9 @@ def group_cases() -> list[list[str]]:
     return cases
 
 
-def compose_resolved(overrides: list[str], output_dir: Path):
+def compose_resolved(overrides: list[str], output_dir: Path, conf: Path = CONF):
     """The composed config (less `hydra`) as a plain dict, every interpolation resolved as in a real run."""
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
         cfg = compose("config", overrides=overrides, return_hydra_config=True)
     cfg.hydra.runtime.output_dir = str(output_dir)
     HydraConfig.instance().set_config(cfg)
@@ -238,13 +238,14 @@ defaults:
   - schema_toy
   - _self_
 name: toy
-strength: 0.5
-rounds: 3
+strength: 0.5  # > 0: a range
+rounds: 3      # >= 1
+rho: 0.5       # (0, 1): not method=lisa's range of its rho (>= 0)
 scale: null    # any value
 mode: soft     # soft | hard: a choice
 extra:
   norm: l2     # l1 | l2
-  eps: 1.0e-6
+  eps: 1.0e-6  # [0, 0.1]
 """
 TOY_MODULE = """\
 from safety_lab.errors import SafetyLabError
@@ -261,7 +262,8 @@ class Toy(Method):
 
 def test_a_new_method_is_its_module_and_its_yaml(tmp_path, monkeypatch):
     """A method written as a module of safety_lab/methods and a YAML in conf/method, and nothing else: its settings
-    are typed, closed and choice-checked at composition from the YAML alone, and `build_method` finds it."""
+    are typed, closed and choice-checked at composition from the YAML alone, their ranges (its comments) checked
+    wherever the method occurs, and `build_method` finds it."""
     conf = tmp_path / "conf"
     shutil.copytree(CONF, conf)
     (conf / "method" / "toy.yaml").write_text(TOY_YAML)
@@ -273,6 +275,9 @@ def test_a_new_method_is_its_module_and_its_yaml(tmp_path, monkeypatch):
     def toy(*overrides: str):
         with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
             return compose("config", overrides=["method=toy", *overrides]).method
+
+    def composed(*overrides: str):
+        return OmegaConf.create(compose_resolved(["method=toy", *overrides], tmp_path, conf))
 
     cfg = plain(toy("method.strength=2", "method.scale=[1, 2]", "method.extra.norm=l1"))
     assert {k: cfg[k] for k in ("name", "strength", "rounds", "scale", "mode", "extra")} == {
@@ -296,6 +301,18 @@ def test_a_new_method_is_its_module_and_its_yaml(tmp_path, monkeypatch):
         assert key in str(info.value) and str(info.value.__cause__).splitlines()[0] == reason
     with pytest.raises(SafetyLabError, match="^method.mode=hard takes one round, not method.rounds=3$"):
         methods.build_method("toy").check(toy("method.mode=hard"))
+    check_values(composed("+method@align.method=lisa", "align.method.rho=0"))  # lisa's rho may be 0, toy's not
+    for overrides, message in [
+        (["method.strength=0"], "method.strength=0.0: must be > 0"),
+        (["method.rounds=0"], "method.rounds=0: must be >= 1"),
+        (["method.rho=0"], "method.rho=0.0: must be in (0, 1)"),
+        (["method.rho=1"], "method.rho=1.0: must be in (0, 1)"),
+        (["method.extra.eps=0.5"], "method.extra.eps=0.5: must be in [0, 0.1]"),
+        (["+method@align.method=toy", "align.method.strength=-1"], "align.method.strength=-1.0: must be > 0"),
+    ]:
+        with pytest.raises(SafetyLabError) as info:
+            check_values(composed(*overrides))
+        assert str(info.value) == message
 
 
 # ---- the real command line ------------------------------------------------------------------------------------

@@ -59,10 +59,20 @@ def test_a_method_setting_with_a_null_default_is_checked_by_its_range(overrides,
     assert str(info.value) == message
 
 
-def test_a_stage_nested_in_a_study_is_checked_too(tmp_path):
-    cfg = OmegaConf.create(compose_resolved(["+experiment=realign", "method.tasks.obey.method.lr=-1"], tmp_path))
-    with pytest.raises(SafetyLabError, match=r"^method.tasks.obey.method.lr=-1.0: must be > 0$"):
-        check_values(cfg)
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["+experiment=realign", "method.tasks.obey.method.lr=-1"], "method.tasks.obey.method.lr=-1.0: must be > 0"),
+        (  # a method's own range (conf/method/mask_dpo.yaml), in the defense's method slot
+            ["+experiment=hft_grid", "defense=mask_dpo", "defense.method.top_k=2"],
+            "defense.method.top_k=2.0: must be in (0, 1]",
+        ),
+    ],
+)
+def test_a_stage_nested_in_a_study_is_checked_too(overrides, message, tmp_path):
+    with pytest.raises(SafetyLabError) as info:
+        check_values(OmegaConf.create(compose_resolved(overrides, tmp_path)))
+    assert str(info.value) == message
 
 
 def test_cli_refuses_a_negative_learning_rate_before_anything_loads(tmp_path):

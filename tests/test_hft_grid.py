@@ -126,7 +126,6 @@ def test_the_grid_experiment_selects_the_defend_task(tmp_path):
         ),
         (["defense=none", "defense.stage=finetune"], "defense=none (stage finetune) needs defense.method or"),
         (["defense=safe_lora", "defense.fusion.weights=[0,1]"], "defense=safe_lora: a cell is one λ"),
-        (["defense=mask_dpo", "defense.method.export=topk", "defense.method.top_k=2"], "method.top_k must be in"),
     ],
 )
 def test_a_cell_whose_defense_does_not_fit_is_one_line(overrides, message, tmp_path):

@@ -448,7 +448,7 @@ def test_unpaired_data_for_a_method_that_cannot_use_it_is_one_line(name, needs, 
     ],
 )
 def test_an_objective_setting_out_of_range_is_one_line_before_anything_loads(overrides, message):
-    """As `run.run` checks: the range tables by key name, then the method's `check`."""
+    """As `run.run` checks: the ranges (the method's YAML's, the shared table's), then the method's `check`."""
     cfg = method_config(*overrides)
     with pytest.raises(SafetyLabError) as info:
         check_values(cfg.method, "method")
@@ -469,9 +469,10 @@ def test_an_rmu_layer_the_model_lacks_is_an_error(tiny_hf_model, tmp_path):
 
 def test_the_cli_exits_2_with_one_line(tmp_path):
     """A method's `check` runs in `run.run` after the range tables, still before any model or data loads."""
-    overrides = ["method=simnpo", "method.gamma=-1", "dataset=preferences", f"hydra.run.dir={tmp_path}"]
+    weights = ["method.desirable_weight=0", "method.undesirable_weight=0"]
+    overrides = ["method=kto", *weights, "dataset=preferences", f"hydra.run.dir={tmp_path}"]
     result = run_safety_lab(*overrides, store=tmp_path / "store")
     assert result.returncode == 2
     errors = [row for row in result.stderr.splitlines() if row.startswith("error: ")]
-    assert errors == ["error: method.gamma=-1.0: must be >= 0 (SimNPO's margin)"]
+    assert errors == ["error: method.desirable_weight and method.undesirable_weight are both 0: nothing to learn"]
     assert not (tmp_path / "store").exists() and not (tmp_path / "metrics.json").exists()

@@ -4,7 +4,9 @@ A method turns a base model and a dataset into a tuned model; `Stages.apply` sto
 its recipe and loads it back on reuse. Methods that train a LoRA adapter inherit saving and loading from `Method`.
 A new method is its module here (found by `build_method`, which imports every module of this package) and its YAML,
 `conf/method/<name>.yaml`, which is also its schema: it starts from `schema_<name>`, the types of its own values and
-the choices its comments list, built by `config.register` (docs/architecture.md).
+the choices its comments list, built by `config.register`; a comment that starts with a range (`# > 0`, `# >= 1`,
+`# (0, 1]`) is that setting's range, checked by `config.check_values` wherever the method's config occurs, before any
+model loads (docs/architecture.md). `Method.check` is left with what no single range says.
 """
 
 from __future__ import annotations

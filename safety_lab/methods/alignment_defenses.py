@@ -256,17 +256,13 @@ class RepNoiseModule(SFTModule):
 
 
 class AlignmentDefense(Method):
-    """Trains a LoRA adapter (or the whole model) with `module(policy, *settings)`, on the stage's dataset, paired
-    with `method.harmful`'s rows when `harmful`; `ranges` gives each setting's check."""
+    """Trains a LoRA adapter (or the whole model) with `module(policy, *(method_cfg[key] for key in settings))`, on
+    the stage's dataset, paired with `method.harmful`'s rows when `harmful`. The settings' ranges are in each one's
+    YAML (checked by config.check_values)."""
 
     module: type[SFTModule]
-    ranges: dict[str, tuple[str, Callable[[float], bool]]]
+    settings: tuple[str, ...]
     harmful: bool = True
-
-    def check(self, cfg) -> None:
-        for key, (allowed, ok) in self.ranges.items():
-            if not ok(cfg[key]):
-                raise SafetyLabError(f"method.{key}={cfg[key]}: must be {allowed}")
 
     def train(self, stages, base, cfg, dataset_cfg):
         data = sft_data(stages, base, cfg, dataset_cfg)
@@ -274,24 +270,20 @@ class AlignmentDefense(Method):
             data = WithHarmful(data, harmful_data(stages, base, cfg))
         policy = trainable(base.model, plain(cfg.lora))
         disable_dropout(policy)
-        module = self.module(policy, *(cfg[key] for key in self.ranges), **optimiser_settings(cfg))
+        module = self.module(policy, *(cfg[key] for key in self.settings), **optimiser_settings(cfg))
         return policy, stages.fit(self.name, module, data, cfg.batch_size, cfg.epochs, stages.cfg.seed)
-
-
-POSITIVE = ("> 0", lambda v: v > 0)
-NON_NEGATIVE = (">= 0", lambda v: v >= 0)
 
 
 @method("vaccine")
 class Vaccine(AlignmentDefense):
-    module, ranges, harmful = VaccineModule, {"rho": POSITIVE}, False
+    module, settings, harmful = VaccineModule, ("rho",), False
 
 
 @method("booster")
 class Booster(AlignmentDefense):
-    module, ranges = BoosterModule, {"lamb": NON_NEGATIVE, "alpha": NON_NEGATIVE}
+    module, settings = BoosterModule, ("lamb", "alpha")
 
 
 @method("repnoise")
 class RepNoise(AlignmentDefense):
-    module, ranges = RepNoiseModule, {"alpha": NON_NEGATIVE, "beta": POSITIVE}
+    module, settings = RepNoiseModule, ("alpha", "beta")

@@ -17,8 +17,6 @@ from safety_lab.methods.pairs import Objective, PairMethod, check_logp_settings
 def dpo_objective(cfg, loss: Callable | None = None) -> Objective:
     """`loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected)` over the log-probs normalised as `cfg.logp`
     says; sigmoid DPO with `cfg`'s betas unless given."""
-    if cfg.beta <= 0 or (cfg.beta_rejected is not None and cfg.beta_rejected <= 0):
-        raise SafetyLabError(f"method.beta / method.beta_rejected must be > 0, got {cfg.beta} / {cfg.beta_rejected}")
     check_logp_settings(cfg)
     loss = loss or partial(dpo_loss, beta=cfg.beta, beta_rejected=cfg.beta_rejected)
 
@@ -32,12 +30,6 @@ def dpo_objective(cfg, loss: Callable | None = None) -> Objective:
         }
 
     return objective
-
-
-def check_label_smoothing(cfg) -> float:
-    if not 0 <= cfg.label_smoothing < 0.5:
-        raise SafetyLabError(f"method.label_smoothing={cfg.label_smoothing}: must be in [0, 0.5)")
-    return cfg.label_smoothing
 
 
 @method("dpo")
@@ -60,8 +52,9 @@ class ConservativeDPO(PairMethod):
     """Conservative DPO: sigmoid DPO with each label flipped with probability `label_smoothing`."""
 
     def objective(self, cfg) -> Objective:
-        smoothing = check_label_smoothing(cfg)
-        loss = partial(conservative_dpo_loss, beta=cfg.beta, label_smoothing=smoothing, beta_rejected=cfg.beta_rejected)
+        loss = partial(
+            conservative_dpo_loss, beta=cfg.beta, label_smoothing=cfg.label_smoothing, beta_rejected=cfg.beta_rejected
+        )
         return dpo_objective(cfg, loss)
 
 
@@ -71,6 +64,7 @@ class RobustDPO(PairMethod):
     `label_smoothing`."""
 
     def objective(self, cfg) -> Objective:
-        smoothing = check_label_smoothing(cfg)
-        loss = partial(robust_dpo_loss, beta=cfg.beta, label_smoothing=smoothing, beta_rejected=cfg.beta_rejected)
+        loss = partial(
+            robust_dpo_loss, beta=cfg.beta, label_smoothing=cfg.label_smoothing, beta_rejected=cfg.beta_rejected
+        )
         return dpo_objective(cfg, loss)

@@ -137,8 +137,6 @@ class MaskDPO(Method):
             MERGES[cfg.merge].check(list(cfg.tasks), cfg.task_weight, plain(cfg.merge_args))
         except ValueError as e:
             raise SafetyLabError(f"method.merge / method.merge_args: {e}") from None
-        if cfg.export == "topk" and not 0 < cfg.top_k <= 1:
-            raise SafetyLabError(f"method.top_k must be in (0, 1], got {cfg.top_k}")
 
     def kind(self, method_cfg) -> str:
         return "model"  # the realigned model for one export; the mask itself is its own `mask` artifact

@@ -19,8 +19,6 @@ from safety_lab.methods.pairs import PairMethod, check_logp_settings
 def unlearn_objective(cfg):
     loss = cfg.loss
     check_logp_settings(cfg)
-    if loss == "npo" and cfg.beta <= 0:
-        raise SafetyLabError(f"method.beta must be > 0 for method.loss=npo, got {cfg.beta}")
     if loss == "npo" and cfg.clamp is not None:
         raise SafetyLabError("method.clamp bounds gradient ascent; NPO is bounded already (leave clamp unset)")
 
@@ -48,9 +46,6 @@ class Unlearn(PairMethod):
 
 
 def simnpo_objective(cfg):
-    if cfg.gamma < 0:
-        raise SafetyLabError(f"method.gamma={cfg.gamma}: must be >= 0 (SimNPO's margin)")
-
     def objective(logps, counts, ref_logps, ref_counts, index):
         keep, forget = normalise_logps(logps, counts, "mean").chunk(2)
         return unlearning_loss(-keep, simnpo_term(forget, cfg.beta, cfg.gamma), cfg.retain_weight, cfg.forget_weight), {
