@@ -85,7 +85,7 @@ def test_mix_entries_make_their_fraction_of_the_mixed_data():
 # ---- end to end --------------------------------------------------------------------------------------------------
 FAST = ["+debug=fast", "dataset=obey", "eval.base=false"]
 LISA = ["method=lisa", "method.alignment.n=64", "method.alignment_steps=1", "method.finetune_steps=1"]
-ANTIDOTE = ["method=antidote", "method.harmful.n=64"]
+ANTIDOTE = ["method=antidote", "+method@method.finetune=sft", "method.harmful.n=64"]
 FUSION = [
     "+experiment=lora_fusion",
     "fusion=safemerge",
@@ -137,7 +137,12 @@ def test_antidote_prunes_the_fine_tune_the_attack_run_reuses(runs):
         (["method=sft_l2", "method.l2_weight=-0.5"], "error: method.l2_weight=-0.5: must be >= 0"),
         (["method=antidote", "method.prune_ratio=0"], "error: method.prune_ratio=0.0: must be in (0, 1]"),
         (
-            ["method=antidote", "method.finetune.lora=null"],
+            ["method=antidote"],
+            "error: method.finetune=null: method=antidote prunes a fine-tune; give its method, e.g. "
+            "+method@method.finetune=sft",
+        ),
+        (
+            [*ANTIDOTE, "method.finetune.lora=null"],
             "error: method.finetune.lora=null: method=antidote prunes the fine-tune's LoRA adapter; give it one",
         ),
         (

@@ -1,20 +1,22 @@
-"""The harmful fine-tuning grid (`+experiment=hft_grid`, task=defend): a debug-sized grid (2 attacks × 2 defenses,
-`+debug=fast`) runs end to end through the real CLI, its stages are shared through the store (one aligned model for
-every attack, the attacked model reused by the post-fine-tuning defense), and its report draws every cell from its
-jobs' numbers; the attack data's harmful share; bad inputs are one line, exit 2, nothing trained."""
+"""The harmful fine-tuning grid (`+experiment=hft_grid`, task=defend): a debug-sized grid (2 attacks × every
+defense, `+debug=fast`) runs end to end through the real CLI, its stages are shared through the store (one aligned
+model per alignment stage for every attack, the attacked model reused by every post-fine-tuning defense), and its
+report draws every cell from its jobs' numbers; the attack data's harmful share; bad inputs are one line, exit 2,
+nothing trained."""
 
 from __future__ import annotations
 
 import csv
 import json
 import math
+import re
 from collections import Counter
 
 import pytest
 import yaml
 from helpers import run_safety_lab
 from test_architecture import task_config
-from test_config import first_error_line
+from test_config import first_error_line, options
 
 from safety_lab.errors import SafetyLabError
 from safety_lab.report import grid_cells, write_grid
@@ -23,6 +25,7 @@ from safety_lab.tasks.defend import check_cell
 from safety_lab.worlds.synthetic import views
 
 SMALL = ["attack.n=64", "attack.epochs=1", "defense.n=64", "align.dataset.n=64"]
+DEFENSES = ["none", *(name for name in options("defense") if name != "none")]  # every defense, the no-defense row first
 
 
 def grid(*overrides: str, root, store, multirun: bool = False):
@@ -33,50 +36,71 @@ def grid(*overrides: str, root, store, multirun: bool = False):
 @pytest.fixture(scope="module")
 def debug_grid(tmp_path_factory):
     root = tmp_path_factory.mktemp("hft")
-    result = grid("attack=benign,p10", "defense=none,safe_lora", root=root, store=root / "store", multirun=True)
+    defenses = ",".join(DEFENSES)
+    result = grid("attack=benign,p10", f"defense={defenses}", root=root, store=root / "store", multirun=True)
     [sweep] = (root / "outputs" / "multirun" / "hft_grid").iterdir()
     return root, sweep, result
+
+
+def grid_jobs(sweep) -> dict:
+    """(defense, attack) -> the job's folder, for every job of the sweep."""
+    jobs = {}
+    for job in (p for p in sweep.iterdir() if p.name.isdigit()):
+        config = yaml.safe_load((job / ".hydra" / "config.yaml").read_text())
+        jobs[config["defense"]["name"], config["attack"]["name"]] = job
+    return jobs
 
 
 def test_the_debug_grid_runs_and_its_report_holds_every_cell(debug_grid):
     root, sweep, result = debug_grid
     assert result.returncode == 0, result.stderr[-3000:]
-    jobs = {}  # (defense, attack) -> the job's metrics
-    for job in range(4):
-        config = yaml.safe_load((sweep / str(job) / ".hydra" / "config.yaml").read_text())
-        jobs[config["defense"]["name"], config["attack"]["name"]] = json.loads(
-            (sweep / str(job) / "metrics.json").read_text()
-        )
+    jobs = {cell: json.loads((job / "metrics.json").read_text()) for cell, job in grid_jobs(sweep).items()}
+    assert len(jobs) == 2 * len(DEFENSES)
     rows = list(csv.DictReader((sweep / "grid.csv").open()))
-    assert len(rows) == 4 * 3  # every cell, three metrics each
+    assert len(rows) == len(jobs) * 3  # every cell, three metrics each
     for row in rows:  # one seed: the cell is its job's number, with no std
         assert float(row["mean"]) == jobs[row["defense"], row["attack"]][row["metric"]] and row["std"] == ""
     table = (sweep / "grid.md").read_text().splitlines()
     assert table[2] == "| defense \\ attack | benign | p10 |"
-    assert table[4].startswith("| none | ") and table[5].startswith("| safe_lora | ")  # the no-defense row first
+    assert [line.split(" | ")[0] for line in table[4 : 4 + len(DEFENSES)]] == [f"| {d}" for d in DEFENSES]
+    row = DEFENSES.index("safe_lora")
     metrics = jobs["safe_lora", "p10"]
     keys = ("harmful/compliance_rate", "utility/accuracy", "borderline/refusal_rate")
-    assert table[5].endswith(" / ".join(f"{metrics[k]:.3f}" for k in keys) + " |")
+    assert table[4 + row].endswith(" / ".join(f"{metrics[k]:.3f}" for k in keys) + " |")
     assert (sweep / "grid.png").stat().st_size > 10_000
 
 
 def test_the_grid_shares_its_stages_through_the_store(debug_grid):
-    """Five adapters for four cells: one aligned model (every other adapter starts from it), an attacked model per
-    attack (the post-fine-tuning defense reuses the no-defense cell's), a safety adapter per attack framing."""
-    root, _, result = debug_grid
+    """24 adapters for 26 cells, each trained once: four aligned models on the base (the experiment's SFT and each
+    alignment-stage defense's), each alignment-stage defense's fine-tuned once per attack; per attack, on the SFT-
+    aligned model, the attacked model (which every post-fine-tuning defense reuses), the safety adapter (shared by
+    Safe LoRA, Resta and SafeMERGE), LoRA fusion's gentle one, Lisa's, sft_l2's and the mix's fine-tunes and
+    Antidote's pruned copy of the attacked model; mask-DPO stores no adapter."""
+    root, sweep, result = debug_grid
     assert result.returncode == 0, result.stderr[-3000:]
     adapters, bases = (
-        sorted(p for p in (root / "store" / kind).iterdir() if p.is_dir()) for kind in ("adapter", "base")
+        {p.name: p for p in (root / "store" / kind).iterdir() if p.is_dir()} for kind in ("adapter", "base")
     )
-    assert len(adapters) == 5 and len(bases) == 1
-    assert result.stderr.count("training adapter") == 5
-    starts = [json.loads((a / "manifest.json").read_text())["recipe"]["base"] for a in adapters]
-    [aligned] = [a for a, start in zip(adapters, starts) if start == f"base/{bases[0].name}"]
-    assert starts.count(f"adapter/{aligned.name}") == 4
-    views_trained = sorted(
-        json.loads((a / "manifest.json").read_text())["recipe"]["dataset"]["view"] for a in adapters if a != aligned
-    )
-    assert views_trained == ["harmful_mix", "obey", "refusals", "refusals"]
+    recipes = {name: json.loads((a / "manifest.json").read_text())["recipe"] for name, a in adapters.items()}
+    assert len(adapters) == 24 and len(bases) == 1
+    assert result.stderr.count("training adapter") == 24
+    aligned = {r["method"]["name"]: name for name, r in recipes.items() if r["base"] == f"base/{next(iter(bases))}"}
+    assert sorted(aligned) == ["booster", "repnoise", "sft", "vaccine"]
+    # per attack on the SFT-aligned model: five stages on the attack's data (the attacked model, Lisa, sft_l2, the
+    # mix, Antidote) and two safety adapters on refusals; on each defense's aligned model: the attack's fine-tune
+    on_sft = {"harmful_mix": 5, "obey": 5, "refusals": 4}
+    for method, name in aligned.items():
+        tuned = Counter(r["dataset"]["view"] for r in recipes.values() if r["base"] == f"adapter/{name}")
+        assert tuned == (on_sft if method == "sft" else {"harmful_mix": 1, "obey": 1}), method
+    stores = {}  # (defense, attack) -> the adapters the job reused
+    for cell, job in grid_jobs(sweep).items():
+        log = (job / "__main__.log").read_text()
+        stores[cell] = {kind: set(re.findall(rf"{kind} adapter ([0-9a-f]+)", log)) for kind in ("training", "reusing")}
+    for attack in ("benign", "p10"):
+        attacked = set.union(*stores["none", attack].values())  # the aligned and the attacked model
+        for defense in ("safe_lora", "resta", "lora_fusion", "mask_dpo", "safemerge", "antidote"):
+            assert attacked <= stores[defense, attack]["reusing"], (defense, attack)
+        assert len(stores["antidote", attack]["training"]) == 1  # its pruned copy, nothing else
 
 
 def test_the_report_aggregates_seeds_and_marks_failed_cells(tmp_path):
@@ -148,6 +172,10 @@ def test_a_cell_whose_defense_does_not_fit_is_one_line(overrides, message, tmp_p
         ),
         (["attack=foo"], "error: attack=foo: no such option; conf/attack/ has benign, none, p0, p1, p10, p20, p5"),
         (["defense=none,foo"], "error: defense=foo: no such option; conf/defense/ has "),
+        (
+            ["defense=mix", "defense.dataset.mix.safety.fraction=0.95", "+defense.dataset.mix.more={fraction: 0.1}"],
+            "error: defense.dataset.mix: the fractions sum to 1.05; they must sum to less than 1",
+        ),
     ],
 )
 def test_bad_grid_input_is_one_line_exit_2_and_nothing_trained(overrides, line, tmp_path):

@@ -1,7 +1,8 @@
 """`method=antidote`: Antidote (Huang et al. 2025), post-fine-tuning one-shot pruning of harmful weights.
 
-The user's fine-tune (`method.finetune` on the run's `dataset`, the same stage recipe as that fine-tune run alone, so
-it is reused from the store) is run over harmful data (`method.harmful`, Antidote's re-alignment set of harmful
+The user's fine-tune (`method.finetune`, a method config: `+method@method.finetune=sft`, or the grid's attack method
+in conf/defense/antidote.yaml; on the run's `dataset`, the same stage recipe as that fine-tune run alone, so it is
+reused from the store) is run over harmful data (`method.harmful`, Antidote's re-alignment set of harmful
 prompts with harmful answers) with forward hooks summing each LoRA factor's squared inputs over every non-padding
 token; `fusion.prune.antidote` then zeroes, row by row, the `prune_ratio` share of adapter weights with the highest
 Wanda score |W|·‖X‖ (Antidote's LoRA mode: its scripts' dense ratio 0.1 on 2,000 harmful samples). Nothing is trained;
@@ -56,6 +57,11 @@ def input_sq_sums(model: PeftModel, data: TokenizedExamples, batch_size: int) ->
 @method("antidote")
 class Antidote(Method):
     def check(self, method_cfg) -> None:
+        if not method_cfg.finetune:
+            raise SafetyLabError(
+                "method.finetune=null: method=antidote prunes a fine-tune; give its method, e.g. "
+                "+method@method.finetune=sft"
+            )
         if not method_cfg.finetune.get("lora"):
             raise SafetyLabError(
                 "method.finetune.lora=null: method=antidote prunes the fine-tune's LoRA adapter; give it one"

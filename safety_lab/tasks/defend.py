@@ -22,6 +22,7 @@ from safety_lab.config import DatasetConfig, plain
 from safety_lab.errors import SafetyLabError
 from safety_lab.fusion.apply import FusedModel
 from safety_lab.methods import build_method
+from safety_lab.sources import checked_mix
 from safety_lab.stages import Stages
 from safety_lab.tasks.fuse import fusion_inputs, fusion_weights
 from safety_lab.tasks.results import Evaluation, finish
@@ -72,6 +73,14 @@ def check_cell(cfg: DictConfig) -> tuple | None:
         raise SafetyLabError(f"defense={defense.name}: a cell is one λ, defense.fusion.weight (not fusion.weights)")
     finetune = finetune_stage(cfg)
     align = defense if stage == "align" else cfg.get("align")
+    datasets = {"align": cfg.get("align") and cfg.align.dataset, "attack": attack.dataset, "defense": defense.dataset}
+    if stage == "finetune":
+        datasets["defense"] = finetune[1]  # the attack's data with the defense's settings (its `mix`) merged in
+    for where, dataset in datasets.items():  # each `mix` checked before anything trains (run.py checks `dataset`'s)
+        try:
+            checked_mix(dataset or {})
+        except SafetyLabError as e:
+            raise SafetyLabError(f"{where}.{e}") from None
     for method in (align and align.method, finetune and finetune[0], stage == "post" and defense.method):
         if method and method.name != "none":
             build_method(method.name).check(method)
