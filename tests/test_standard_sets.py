@@ -17,6 +17,7 @@ from safety_lab.data import adapters
 from safety_lab.data.adapters import load_rows
 from safety_lab.data.io import DataError
 from safety_lab.data.splits import fingerprint, holdout, in_eval
+from safety_lab.onpolicy import prompt_sets
 from safety_lab.sources import load_prompts, load_suites
 
 REPO = Path(__file__).resolve().parents[1]
@@ -170,6 +171,15 @@ def test_no_eval_prompt_is_in_a_train_set_of_its_source(fixture_garak, split):
         *(f"++eval.suites.jailbreak_dan.args.behaviour_args.{o}" for o in split),
     )
     assert_disjoint(suites, {name: train_prompts(name, *(f"++dataset.args.{o}" for o in split)) for name in TRAIN_SETS})
+
+
+def test_onpolicy_pairs_ask_no_eval_prompt(fixture_garak):
+    args = composed("dataset=onpolicy_safety").dataset.args  # the prompts the on-policy pairs are generated for
+    asked = prompt_sets(args.unsafe, "unsafe") + prompt_sets(args.safe, "safe")
+    big = ["eval.suites.jailbreak_dan.n=1000", "eval.suites.donotanswer.n=1000", "eval.suites.harmbench.n=1000"]
+    suites = fixture_suites(*big)
+    assert_disjoint(suites, {"onpolicy_safety": asked})
+    assert not {fingerprint(p) for p in asked} & {fingerprint(p.prompt) for p in suites["over_refusal"]}
 
 
 # ---- the installed package's own files -------------------------------------------------------------------------
