@@ -159,7 +159,7 @@ def declared(yaml_text: str) -> tuple[dict[str, list[str]], dict[str, Range]]:
 def method_schema(name: str, settings: dict, choices: dict[str, list[str]], prefix: str = "") -> type:
     """A dataclass with one field per key of `settings` (those beyond `MethodConfig`'s at the top), typed by its
     value: a key of `choices` an enum of them, a non-empty mapping a nested schema, null or an interpolation `Any`,
-    anything else its value's type (a float setting also takes an int). The YAML supplies every value."""
+    anything else its value's type or null (a float setting also takes an int). The YAML supplies every value."""
     common = () if prefix else (MethodConfig,)
     known = {f.name for base in common for f in fields(base)}
     specs = []
@@ -174,7 +174,9 @@ def method_schema(name: str, settings: dict, choices: dict[str, list[str]], pref
         elif value is None or "${" in str(value):
             specs.append((key, Any))
         else:
-            specs.append((key, {dict: dict[str, Any], list: list[Any]}.get(type(value), type(value))))
+            # null stays allowed (a setting's "unset", as `beta_rejected=null`: symmetric DPO); numbers are then
+            # checked by check_values, and a method's `check` decides what null means for it
+            specs.append((key, {dict: dict[str, Any], list: list[Any]}.get(type(value), type(value)) | None))
     return make_dataclass(name, specs, bases=common, kw_only=True)
 
 

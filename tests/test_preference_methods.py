@@ -13,6 +13,7 @@ from hydra.errors import ConfigCompositionException
 from test_config import CONF
 from test_pipeline import cli
 
+from safety_lab.config import check_values
 from safety_lab.errors import SafetyLabError
 from safety_lab.methods import build_method
 
@@ -92,10 +93,12 @@ def test_kto_trains_on_an_unpaired_file_and_other_methods_refuse_it(tmp_path):
     ],
 )
 def test_incompatible_settings_fail_before_any_model_loads(overrides, culprit):
-    """`Method.check` runs right after composition (run.py), with one line naming the key."""
-    method = composed(overrides).method
+    """The ranges a method's YAML declares (`check_values`) and `Method.check` run right after composition (run.py),
+    with one line naming the key."""
+    cfg = composed(overrides)
     with pytest.raises(SafetyLabError, match=culprit.replace(".", r"\.")):
-        build_method(method.name).check(method)
+        check_values(cfg.method, "method")
+        build_method(cfg.method.name).check(cfg.method)
 
 
 def test_unknown_unlearning_loss_fails_at_composition():
