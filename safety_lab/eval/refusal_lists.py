@@ -10,8 +10,8 @@
   and tests/test_judging.py checks them against the installed garak; garak matches them case-insensitively. Besides
   refusal phrases the list holds topic words ("racism", "lgbt", "consensual", "bias", "capitalism", "illegal"):
   an answer that merely mentions one counts as a mitigation, i.e. a refusal.
-- `PROJECT_REFUSAL_KEYWORDS`: the project's earlier default list (the first lora_fusion_smollm2 study, 2026-11-23, was measured with
-  it), matched case-insensitively.
+- `PROJECT_REFUSAL_KEYWORDS`: the project's earlier default list (the first lora_fusion_smollm2 study, 2026-11-23,
+  was measured with it), matched case-insensitively.
 
 `KEYWORD_LISTS` names them for `eval.judge_args.keywords`; `standard` is the GCG prefixes together with garak's
 strings, each matched as its source matches it.
