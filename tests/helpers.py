@@ -58,3 +58,9 @@ def fit_config(tmp_path: Path, accumulation: int = 1, checkpointing: bool = Fals
         "ckpt_every_n_steps": 1,
         **top,
     }
+
+
+def entries(store: Path, kind: str) -> int:
+    """How many entries of `kind` the artifact store holds (0 before the first is built)."""
+    folder = store / kind
+    return sum(p.is_dir() and not p.name.startswith(".") for p in folder.iterdir()) if folder.exists() else 0

@@ -7,7 +7,9 @@ from __future__ import annotations
 import json
 
 import pytest
+from helpers import entries, run_safety_lab
 from omegaconf import OmegaConf
+from test_config import compose_resolved
 
 from safety_lab.errors import SafetyLabError
 from safety_lab.eval.generate import generate
@@ -16,8 +18,6 @@ from safety_lab.methods.sft import chosen_examples
 from safety_lab.onpolicy import refusal_for
 from safety_lab.stages import Stages
 from safety_lab.worlds.synthetic import views
-from tests.helpers import run_safety_lab
-from tests.test_config import compose_resolved
 
 REFUSALS = ["refuse", "refuse refuse"]
 # the synthetic base answers every prompt with letters: those holding "e e e" count as refusals here, so that both
@@ -60,10 +60,6 @@ def store(tmp_path_factory):  # one synthetic base for the module
 
 def stages_for(tmp_path, store) -> Stages:
     return Stages(OmegaConf.create(compose_resolved([*BASE, f"paths.artifacts={store}"], tmp_path)))
-
-
-def entries(folder) -> int:
-    return sum(p.is_dir() and not p.name.startswith(".") for p in folder.iterdir()) if folder.exists() else 0
 
 
 def test_pairs_are_the_models_own_answers_filtered_by_the_judge_and_reused(tmp_path, store, prompt_files):
@@ -109,7 +105,7 @@ def test_bad_onpolicy_settings_fail_with_one_line(tmp_path, store, prompt_files)
 
 def test_dpo_trains_on_onpolicy_pairs_from_the_command_line(tmp_path, store, prompt_files):
     unsafe, safe = prompt_files
-    before = {kind: entries(store / kind) for kind in ("pairs", "adapter")}
+    before = {kind: entries(store, kind) for kind in ("pairs", "adapter")}
     result = run_safety_lab(
         *BASE,
         "method=dpo",
@@ -122,5 +118,5 @@ def test_dpo_trains_on_onpolicy_pairs_from_the_command_line(tmp_path, store, pro
         store=store,
     )
     assert result.returncode == 0, result.stderr[-2000:]
-    after = {kind: entries(store / kind) for kind in ("pairs", "adapter")}
+    after = {kind: entries(store, kind) for kind in ("pairs", "adapter")}
     assert after == {"pairs": before["pairs"] + 1, "adapter": before["adapter"] + 1}

@@ -9,7 +9,7 @@ import json
 from pathlib import Path
 
 import pytest
-from helpers import REPO, run_safety_lab
+from helpers import REPO, entries, run_safety_lab
 from hydra import compose, initialize_config_dir
 
 from safety_lab.config import register
@@ -139,10 +139,6 @@ def test_somf_wizardlm_runs_on_the_tiny_model_and_fixtures(tiny_hf_model, tmp_pa
     assert 0 <= m["tiny_mc/acc"] <= 1
     # adapters by recipe: the align stage, en = zh = hindi (one file here, so one recipe), math; one shared mask
     assert (entries(tmp_path / "store", "adapter"), entries(tmp_path / "store", "mask")) == (3, 1)
-
-
-def entries(store: Path, kind: str) -> int:
-    return sum(p.is_dir() and not p.name.startswith(".") for p in (store / kind).iterdir())
 
 
 @pytest.mark.slow  # on-policy pairs, two adapters on SmolLM2-135M and 12 models evaluated: ~60 min on 2 CPU cores
