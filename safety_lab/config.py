@@ -91,6 +91,9 @@ class ModelConfig:
     # Off by default: compiled weights differ from eager ones by rounding (like thread counts, not in recipes), and
     # the documented studies were trained eagerly.
     compile_min_steps: int | None = None
+    # SFT and preference methods: pack each micro-batch without padding, a pair's shared prompt computed once
+    # (methods/packing.py). Equal log-probs up to rounding, so not in recipes; off by default like compiling.
+    packing: bool = False
     pretrain: PretrainConfig | None = None
     template: TemplateConfig = field(default_factory=TemplateConfig)
 

@@ -44,7 +44,14 @@ log = logging.getLogger(__name__)
 for _name in ("lightning.pytorch", "lightning.fabric"):  # their banners ("GPU available: False", tips) add nothing
     logging.getLogger(_name).setLevel(logging.WARNING)
 # Model settings that do not change the synthetic base's weights (or only apply to real models).
-NOT_IN_BASE_RECIPE = ("template", "gradient_checkpointing", "compile_min_steps", "quantization", "allow_pickle")
+NOT_IN_BASE_RECIPE = (
+    "template",
+    "gradient_checkpointing",
+    "compile_min_steps",
+    "packing",
+    "quantization",
+    "allow_pickle",
+)
 # Trainer settings that change nothing about the trained weights, so they stay out of recipes.
 COSMETIC = {
     "log_every_n_steps",

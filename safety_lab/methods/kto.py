@@ -30,7 +30,7 @@ from safety_lab.data.records import Preference, UnpairedPreference
 from safety_lab.errors import SafetyLabError
 from safety_lab.methods import method, training_records
 from safety_lab.methods.losses import kto_loss, kto_reference_point
-from safety_lab.methods.pairs import Objective, PairMethod, fit_pairs, policy_and_reference
+from safety_lab.methods.pairs import Objective, PairMethod, fit_pairs, pair_data, policy_and_reference
 
 log = logging.getLogger(__name__)
 
@@ -110,11 +110,14 @@ class KTO(PairMethod):
         if advice := weight_advice(desirable, len(rows) - desirable, cfg.desirable_weight, cfg.undesirable_weight):
             log.warning(advice)
         partners = kl_partners(rows)
-        data = TokenizedPreferences(
-            [Preference(row.prompt, row.completion, rows[j].completion) for row, j in zip(rows, partners)],
-            base.tokenizer,
-            stages.template,
-            stages.cfg.model.max_length,
+        data = pair_data(
+            stages,
+            TokenizedPreferences(
+                [Preference(row.prompt, row.completion, rows[j].completion) for row, j in zip(rows, partners)],
+                base.tokenizer,
+                stages.template,
+                stages.cfg.model.max_length,
+            ),
         )
         policy, reference = policy_and_reference(stages, base.model, cfg, data, needs_reference=True)
         objective = kto_objective(cfg, torch.tensor([row.desirable for row in rows]))

@@ -27,6 +27,7 @@ from safety_lab.fusion.merges import MERGES, FusionInput
 from safety_lab.fusion.task_vectors import lora_factors, lora_task_vector
 from safety_lab.methods import Method, method
 from safety_lab.methods.dpo import dpo_objective
+from safety_lab.methods.packing import batch_logps
 from safety_lab.methods.pairs import disable_dropout, fit_pairs, preference_data, reference_logps, weights_hash
 
 log = logging.getLogger(__name__)
@@ -175,7 +176,7 @@ class MaskDPO(Method):
                 )
             )
             reference = reference_logps(
-                stages, lambda *batch: policy(*batch).logits, data, reference_id, cfg.ref_batch_size
+                stages, lambda batch: batch_logps(policy, batch), data, reference_id, cfg.ref_batch_size
             )
             policy.masks = None
             policy.mask = ConcreteMask(shapes, cfg.mask.init_logit, cfg.mask.temperature)

@@ -7,7 +7,8 @@ completion and a mismatched one for the KL reference point (kto.py). The referen
 before training, from the model as it is given (for a LoRA policy: the same weights with the adapter disabled, so
 there is one copy of the weights; for full fine-tuning: the weights before the first step, so no frozen copy is kept)
 and cached in the artifact store under `ref_logps`, keyed by the data fingerprint and a hash of the reference
-weights: reruns and sweeps never recompute them. Dropout is off.
+weights: reruns and sweeps never recompute them. Dropout is off. With `model.packing=true` the batches are packed
+(packing.py): no padding, and a pair's shared prompt computed once.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from safety_lab.data.collate import TokenizedPreferences
 from safety_lab.data.records import Preference
 from safety_lab.errors import SafetyLabError
 from safety_lab.methods import Method, training_records
-from safety_lab.methods.losses import sequence_logps
+from safety_lab.methods.packing import batch_logps, packed_if
 from safety_lab.methods.sft import SFTModule
 from safety_lab.models.factory import eval_mode
 from safety_lab.models.lora import trainable
@@ -36,6 +37,7 @@ if TYPE_CHECKING:
 
 REF_FILE = "ref_logps.safetensors"
 
+Score = Callable[[dict], tuple[torch.Tensor, torch.Tensor]]  # a batch -> (summed log-probs, token counts)
 # objective(policy log-probs [2B], policy token counts [2B], reference log-probs [2B] or None, their counts, the
 # batch's row indices [B]) -> (loss, logs); the indices look up per-row data of the objective's own (KTO's labels)
 Objective = Callable[..., tuple[torch.Tensor, dict[str, torch.Tensor]]]
@@ -64,6 +66,11 @@ def preference_data(stages: Stages, base: Model, method_cfg, dataset_cfg) -> Tok
     return TokenizedPreferences(pairs, base.tokenizer, stages.template, stages.cfg.model.max_length)
 
 
+def pair_data(stages: Stages, data: TokenizedPreferences):
+    """Preference batches as the pair methods train on them: packed when `model.packing` is on."""
+    return packed_if(stages.cfg.model.get("packing", False), data)
+
+
 def check_logp_settings(cfg) -> None:
     if cfg.logp == "fixed" and not cfg.fixed_length:
         raise SafetyLabError("method.logp=fixed needs method.fixed_length (Jain et al.: 159)")
@@ -75,17 +82,17 @@ def check_logp_settings(cfg) -> None:
 
 @torch.no_grad()
 def reference_logps(
-    stages: Stages, forward: Callable, data: TokenizedPreferences, weights_id: str, batch_size: int
+    stages: Stages, score: Score, data: TokenizedPreferences, weights_id: str, batch_size: int
 ) -> dict[str, torch.Tensor]:
     """{"logps": [N, 2] summed log-probs of (chosen, rejected), "counts": [N, 2] their token counts} under the
-    reference `forward(input_ids, attention_mask) -> logits`, from the store when it has them."""
+    reference's `score(batch)`, from the store when it has them."""
 
     def build(folder):  # pairs in order of length, so batches carry little padding; results go back by index
         by_length = sorted(range(len(data)), key=data.length)
         loader = torch.utils.data.DataLoader(data, batch_size=batch_size, sampler=by_length, collate_fn=data.collate)
         logps, counts = torch.zeros(len(data), 2), torch.zeros(len(data), 2, dtype=torch.long)
         for batch in loader:
-            summed, n = sequence_logps(forward(batch["input_ids"], batch["attention_mask"]), batch["labels"])
+            summed, n = score(batch)
             logps[batch["index"]] = summed.view(2, -1).T.cpu()
             counts[batch["index"]] = n.view(2, -1).T.cpu()
         save_file({"logps": logps, "counts": counts}, str(folder / REF_FILE))
@@ -116,8 +123,7 @@ class PairModule(L.LightningModule):
         self.save_hyperparameters(ignore=["model", "objective", "reference"])
 
     def training_step(self, batch, batch_idx):
-        logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        logps, counts = sequence_logps(logits, batch["labels"])
+        logps, counts = batch_logps(self.model, batch)
         ref = None
         if self.reference is not None:  # [B, 2] rows of the batch's pairs -> [2B] as (chosen; rejected)
             ref = [self.reference[k][batch["index"].cpu()].T.flatten().to(logps.device) for k in ("logps", "counts")]
@@ -152,12 +158,12 @@ def policy_and_reference(stages: Stages, model, m, data, needs_reference: bool):
         return policy, None
     adapter_off = policy.disable_adapter if m.lora else contextlib.nullcontext
 
-    def forward(input_ids, attention_mask):
+    def score(batch):
         with adapter_off():
-            return policy(input_ids=input_ids, attention_mask=attention_mask).logits
+            return batch_logps(policy, batch)
 
     with eval_mode(policy):
-        reference = reference_logps(stages, forward, data, reference_id, m.ref_batch_size)
+        reference = reference_logps(stages, score, data, reference_id, m.ref_batch_size)
     return policy, reference
 
 
@@ -176,6 +182,6 @@ class PairMethod(Method):
 
     def train(self, stages, base, method_cfg, dataset_cfg):
         objective = self.objective(method_cfg)
-        data = preference_data(stages, base, method_cfg, dataset_cfg)
+        data = pair_data(stages, preference_data(stages, base, method_cfg, dataset_cfg))
         policy, reference = policy_and_reference(stages, base.model, method_cfg, data, self.needs_reference(method_cfg))
         return policy, fit_pairs(stages, self.name, policy, objective, reference, data, method_cfg)

@@ -3,7 +3,7 @@
 AdamW over the trainable parameters only (a LoRA adapter, or the whole model), linear warm-up then cosine decay,
 stepped per optimiser step so the schedule is independent of gradient accumulation. The loss is the per-token mean
 over the *global* batch however it is split into micro-batches and ranks; `configure_model` shards the model under
-FSDP2 (models/sharding.py).
+FSDP2 (models/sharding.py). With `model.packing=true` SFT's batches are packed, without padding (packing.py).
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from safety_lab.data.collate import IGNORE, TokenizedExamples
 from safety_lab.data.records import Example, Preference
 from safety_lab.methods import Method, method, training_records
 from safety_lab.methods.losses import token_cross_entropy
+from safety_lab.methods.packing import packed_if, packed_logps
 from safety_lab.models.lora import trainable
 from safety_lab.models.sharding import shard
 
@@ -50,9 +51,13 @@ class SFTModule(L.LightningModule):
         shard(self)
 
     def training_step(self, batch, batch_idx):
-        logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        summed = token_cross_entropy(logits, batch["labels"], reduction="sum")
-        tokens = (batch["labels"][:, 1:] != IGNORE).sum().clamp(min=1)
+        if "targets" in batch:  # packed (packing.py)
+            logps, counts = packed_logps(self.model, batch)
+            summed, tokens = -logps.sum(), counts.sum().clamp(min=1)
+        else:
+            logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            summed = token_cross_entropy(logits, batch["labels"], reduction="sum")
+            tokens = (batch["labels"][:, 1:] != IGNORE).sum().clamp(min=1)
         self.log("train/loss", summed / tokens, prog_bar=True, batch_size=batch["input_ids"].shape[0])
         # the global batch's per-token mean once accumulated and averaged over ranks (data/batching.py)
         return summed / batch.get("loss_normalizer", tokens)
@@ -96,7 +101,7 @@ class SFT(Method):
 
     def train(self, stages, base, method_cfg, dataset_cfg):
         m = method_cfg
-        data = sft_data(stages, base, m, dataset_cfg)
+        data = packed_if(stages.cfg.model.get("packing", False), sft_data(stages, base, m, dataset_cfg))
         tuned = trainable(base.model, plain(m.lora))
         module = self.module(tuned, stages, base, m)
         return tuned, stages.fit(self.name, module, data, m.batch_size, m.epochs, stages.cfg.seed)
