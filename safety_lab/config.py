@@ -241,6 +241,14 @@ class LmEvalConfig:
     apply_chat_template: bool = False
 
 
+@dataclass
+class GenerationConfig:
+    """Speed-ups of batched greedy generation (eval/generate.py); the tokens are the same either way (tested)."""
+
+    group_by_length: bool = True  # batches of prompts of similar length (less padding); answers in the given order
+    drop_finished: bool = True  # a row that emitted EOS leaves the decode batch and the KV cache; false: HF generate
+
+
 class BestMode(str, Enum):
     max = "max"
     min = "min"
@@ -276,6 +284,7 @@ class EvalConfig:
     base: bool = True  # also evaluate the model before the method, reported under `base.`
     suites: dict[str, Any] = field(default_factory=dict)  # SuiteConfig each, checked by sources.checked_suite
     lm_eval: LmEvalConfig | None = None  # utility through lm-evaluation-harness, beside the suites
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
     during_training: DuringTrainingConfig = field(default_factory=DuringTrainingConfig)
 
 

@@ -26,12 +26,16 @@ def evaluate(
     max_new_tokens: int = 16,
     batch_size: int = 64,
     progress: bool = True,
+    generation: dict | None = None,
 ) -> tuple[dict[str, float], list[dict]]:
     """(metrics over all suites, one generation row per probe with its judgement); prompts go through `template`
-    exactly as in training."""
+    exactly as in training; `generation`: the generator's levers (`eval.generation`), all on when None."""
     probes = [(name, probe) for name, suite in suites.items() for probe in suite]
     prompts = [template.render(tokenizer, p.prompt) for _, p in probes]
-    responses = generate(model, tokenizer, prompts, max_new_tokens, batch_size, progress, template.add_special_tokens)
+    add_special = template.add_special_tokens
+    responses = generate(
+        model, tokenizer, prompts, max_new_tokens, batch_size, progress, add_special, **(generation or {})
+    )
     metrics: dict[str, float] = {}
     rows: list[dict] = []
     start = 0

@@ -53,6 +53,7 @@ class Evaluation:
             self.template,
             max_new_tokens=self.max_new_tokens,
             batch_size=self.cfg.eval.batch_size,
+            generation=plain(self.cfg.eval.get("generation")),
         )
         lm_eval = self.cfg.eval.lm_eval
         if lm_eval and lm_eval.tasks and only is None:
