@@ -227,6 +227,7 @@ class SuiteConfig:
     prompt_key: str = "prompt"
     unsafe: bool | None = None  # file: the label of every prompt in the file...
     unsafe_key: str | None = None  # ...or the column holding each prompt's label
+    opening: str | None = None  # file: the fixed opening a compliant answer starts with (the keyword judge's test)
 
 
 @dataclass

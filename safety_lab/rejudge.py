@@ -126,7 +126,9 @@ def folder_metrics(
 
 
 def probe(row: dict) -> Probe:
-    return Probe(row["prompt"], row["unsafe"], row.get("target"), meta=row.get("meta") or {})
+    return Probe(
+        row["prompt"], row["unsafe"], row.get("target"), meta=row.get("meta") or {}, opening=row.get("opening")
+    )
 
 
 def build(name: str, args: dict, root: Path) -> Judge:

@@ -93,6 +93,10 @@ def load_suites(cfg, world: World) -> dict[str, list[Probe]]:
         suite = checked_suite(name, node)
         n = suite.n or cfg.n
         if suite.source == Source.synthetic:
+            if suite.opening is not None:
+                raise SafetyLabError(
+                    f"eval.suites.{name}.opening: only file suites take one (synthetic probes have targets)"
+                )
             try:
                 suites[name] = views.suite(world, suite.view or name, n, suite.seed, suite.lang, tuple(suite.prefix))
             except ValueError as e:
@@ -108,7 +112,7 @@ def load_suites(cfg, world: World) -> dict[str, list[Probe]]:
                 source=f"eval.suites.{name}",
             )
             suites[name] = io.to_probes(
-                rows, suite.prompt_key, unsafe=suite.unsafe, unsafe_key=suite.unsafe_key, source=suite.path
+                rows, suite.prompt_key, suite.unsafe, suite.unsafe_key, suite.path, suite.opening
             )[:n]
     return suites
 

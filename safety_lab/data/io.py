@@ -271,15 +271,16 @@ def to_probes(
     unsafe: bool | None = None,
     unsafe_key: str | None = None,
     source: str = "",
+    opening: str | None = None,
 ) -> list[Probe]:
     """Evaluation probes: every row flagged `unsafe`, or each flagged by its `unsafe_key` field (a boolean, 0/1,
     or one of the strings true/false, 1/0, yes/no, unsafe/safe, as CSV files give them). The row's other fields
-    go to `meta`, so metrics can be split by a dataset's categories."""
+    go to `meta`, so metrics can be split by a dataset's categories; `opening`, if given, is every probe's."""
     if (unsafe is None) == (unsafe_key is None):
         raise ValueError("give exactly one of unsafe= (one flag for every row) or unsafe_key= (a field per row)")
     probes = []
     for where, row in _rows(rows, source):
         flag = unsafe if unsafe_key is None else _label(row, unsafe_key, where)
         meta = {k: v for k, v in row.items() if k not in (prompt_key, unsafe_key)}
-        probes.append(Probe(_field(row, prompt_key, where), flag, meta=meta))
+        probes.append(Probe(_field(row, prompt_key, where), flag, meta=meta, opening=opening))
     return probes

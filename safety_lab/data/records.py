@@ -37,3 +37,4 @@ class Probe:
     unsafe: bool  # the ground truth (synthetic oracle) or the dataset's label
     target: str | None = None  # the exact compliant response, where one exists (synthetic world)
     meta: dict = field(default_factory=dict, compare=False)
+    opening: str | None = None  # the text a compliant answer starts with (a file suite's `opening`: a persona's)

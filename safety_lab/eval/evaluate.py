@@ -53,7 +53,7 @@ def evaluate(
                 "target": p.target,
                 "refused": j.refused,
                 "complied": j.complied,
-                **{k: v for k, v in (("score", j.score), ("label", j.label)) if v is not None},
+                **{k: v for k, v in (("score", j.score), ("label", j.label), ("opening", p.opening)) if v is not None},
                 **({"meta": kept} if (kept := plain_fields(p.meta)) else {}),
             }
             for p, r, j in zip(suite, answers, judgements)
