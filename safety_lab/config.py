@@ -310,6 +310,10 @@ class AnalysisConfig:
     refusal: str = "refuse"  # the refusal text; its first token is the refusal token of the refusal score
     energy: float = 0.9  # column space: top-k singular directions holding this share of Σσ²
     row_space_k: int = 10  # row space: top right singular vectors of ΔW
+    matrices: list[str] = field(default_factory=lambda: ["gate_proj", "up_proj"])  # column/row space: whose ΔW
+    direction_n: int | None = None  # refusal direction: prompts per side scored at every layer; null: all
+    add_scale: float = 1.0  # refusal direction: x + add_scale·r at the layer's input when adding it
+    batch_size: int = 256  # prompts per forward pass of the activations and refusal scores
     lipschitz_n: int = 100  # prompts per side (safe, unsafe) whose input gradients are taken
     attack: AttackConfig = field(default_factory=AttackConfig)
 
@@ -428,6 +432,7 @@ SHARED = {
         "steps",
         "lipschitz_n",
         "row_space_k",
+        "direction_n",
         "threads",
         "every_n_steps",
     ),

@@ -82,8 +82,8 @@ def test_findings_state_each_claim_as_a_check_on_the_numbers():
     assert set(partial) == {"row_space_carries_unsafe"}
 
 
-@pytest.fixture(scope="module")
-def synthetic():
+def build_synthetic():
+    """(world, tokenizer, a tiny random 2-layer Llama, 12-prompt utility / harmful / jailbreak_competing suites)."""
     world = World(WorldSpec())
     tokenizer = build_tokenizer(world)
     model = tiny_llama(
@@ -91,6 +91,11 @@ def synthetic():
     ).eval()
     suites = {name: views.suite(world, name, 12) for name in ("utility", "harmful", "jailbreak_competing")}
     return world, tokenizer, model, suites
+
+
+@pytest.fixture(scope="module")
+def synthetic():
+    return build_synthetic()
 
 
 def _analysis(**analysis):
@@ -153,7 +158,14 @@ def test_study_writes_each_chosen_analysis_and_compares_tuned_weights_with_the_b
     assert refusal["layers"][0] == {"norm": 0.0, "ablated_unsafe": None, "added_safe": None}
     assert refusal["selected_layer"] == 1 and "harmful/refusal_rate" in refusal["ablated_generation"]
     checks = json.loads((tmp_path / "findings.json").read_text())
-    assert set(checks) == {"silhouette_up", "jailbreaks_closer_to_safe", "row_space_carries_unsafe", "smaller_lr"}
+    assert set(checks) == {
+        "silhouette_up",
+        "jailbreaks_closer_to_safe",
+        "row_space_carries_unsafe",
+        "ablation_raises_compliance",
+        "addition_raises_refusal",
+        "smaller_lr",
+    }
     assert checks["smaller_lr"] == {}  # one learning rate per method: nothing to compare
 
 

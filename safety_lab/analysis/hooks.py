@@ -1,8 +1,9 @@
 """Reading and steering a Llama-style causal LM's internals with forward hooks.
 
 `activations` records, per decoder layer, the residual stream entering the layer, the MLP input (what the
-gate/up projections see) and the MLP hidden activation act(gate)·up (what `down_proj` sees), at the first output
-position of each prompt: the position whose next-token prediction is the answer, or the refusal. `steer` ablates a
+gate/up projections see), the MLP hidden activation act(gate)·up (what `down_proj` sees) and, on request, the input
+of any named projection (`q_proj` … `down_proj`), at the first output position of each prompt: the position whose
+next-token prediction is the answer, or the refusal. `steer` ablates a
 direction from the whole residual stream (Arditi et al.) or adds it at one layer's input, for as long as the
 context is open, so generation and scoring under an intervention reuse the ordinary code.
 """
@@ -20,6 +21,7 @@ from safety_lab.errors import SafetyLabError
 from safety_lab.models.factory import eval_mode
 
 SITES = ("resid", "mlp_in", "mlp_hidden")
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")  # Llama's linear layers
 
 
 def decoder_layers(model) -> list:
@@ -29,6 +31,12 @@ def decoder_layers(model) -> list:
             f"analysis needs a Llama-style decoder (model.layers[i].mlp.down_proj); got {type(model).__name__}"
         )
     return list(layers)
+
+
+def projection(layer, name: str) -> torch.nn.Module:
+    """The decoder layer's linear layer `name` (one of PROJECTIONS), in its attention block or its MLP."""
+    block = layer.self_attn if name in PROJECTIONS[:4] else layer.mlp
+    return getattr(block, name)
 
 
 def encode(tokenizer, template: PromptTemplate, prompts: list[str]) -> dict[str, torch.Tensor]:
@@ -43,15 +51,21 @@ def encode(tokenizer, template: PromptTemplate, prompts: list[str]) -> dict[str,
 
 
 @torch.no_grad()
-def activations(model, tokenizer, template: PromptTemplate, prompts: list[str], batch_size: int = 256):
-    """({site: [layers, n, d]} at each prompt's first output position, next-token logits there [n, vocab])."""
+def activations(
+    model, tokenizer, template: PromptTemplate, prompts: list[str], batch_size: int = 256, inputs: tuple = ()
+):
+    """({site: [layers, n, d]} at each prompt's first output position, next-token logits there [n, vocab]); the
+    sites are SITES and the input of each projection named in `inputs`. Logits are computed at that position only
+    and the hooks keep only that position of each site (a batch of long prompts would not fit every position of
+    every site, nor full logits over a real vocabulary)."""
     layers = decoder_layers(model)
-    captured: dict[tuple[str, int], torch.Tensor] = {}
-    rows: dict[str, list[list[torch.Tensor]]] = {site: [[] for _ in layers] for site in SITES}
+    sites = (*SITES, *inputs)
+    rows: dict[str, list[list[torch.Tensor]]] = {site: [[] for _ in layers] for site in sites}
+    at: dict[str, torch.Tensor] = {}  # the batch's rows and their first output positions
 
     def recorder(site: str, i: int):
         def hook(module, args):
-            captured[(site, i)] = args[0].detach()
+            rows[site][i].append(args[0][at["rows"], at["last"]].detach().float().cpu())
 
         return hook
 
@@ -62,6 +76,7 @@ def activations(model, tokenizer, template: PromptTemplate, prompts: list[str], 
             layer.register_forward_pre_hook(recorder("resid", i)),
             layer.mlp.register_forward_pre_hook(recorder("mlp_in", i)),
             layer.mlp.down_proj.register_forward_pre_hook(recorder("mlp_hidden", i)),
+            *(projection(layer, name).register_forward_pre_hook(recorder(name, i)) for name in inputs),
         )
     ]
     logits = []
@@ -69,18 +84,16 @@ def activations(model, tokenizer, template: PromptTemplate, prompts: list[str], 
         with eval_mode(model):
             for start in range(0, len(prompts), batch_size):
                 batch = encode(tokenizer, template, prompts[start : start + batch_size])
-                out = model(
+                at.update(rows=torch.arange(len(batch["last"])), last=batch["last"])
+                hidden = model.model(
                     input_ids=batch["input_ids"].to(model.device),
                     attention_mask=batch["attention_mask"].to(model.device),
-                )
-                at = torch.arange(len(batch["last"]))
-                logits.append(out.logits[at, batch["last"]].float().cpu())
-                for (site, i), value in captured.items():
-                    rows[site][i].append(value[at, batch["last"]].float().cpu())
+                ).last_hidden_state
+                logits.append(model.get_output_embeddings()(hidden[at["rows"], at["last"]]).float().cpu())
     finally:
         for h in handles:
             h.remove()
-    return {site: torch.stack([torch.cat(per_layer) for per_layer in rows[site]]) for site in SITES}, torch.cat(logits)
+    return {site: torch.stack([torch.cat(per_layer) for per_layer in rows[site]]) for site in sites}, torch.cat(logits)
 
 
 @contextmanager

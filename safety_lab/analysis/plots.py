@@ -121,8 +121,11 @@ def soft_tokens(values: dict, out: Path) -> None:
 
 
 def refusal_direction(values: dict, out: Path) -> None:
+    """Per model, the refusal score of each layer's direction; then the causal test's rates, without and with the
+    selected direction (ablated on unsafe prompts, added on safe ones)."""
     tags = list(values)
-    fig, axes = _grid(1, len(tags), 2.6)
+    causal = {tag: v["causal"] for tag, v in values.items() if "causal" in v}
+    fig, axes = _grid(1, len(tags) + bool(causal), 2.6)
     for c, tag in enumerate(tags):
         v, ax = values[tag], axes[0][c]
         for key, label in (("ablated_unsafe", "unsafe, ablated"), ("added_safe", "safe, added")):
@@ -134,6 +137,24 @@ def refusal_direction(values: dict, out: Path) -> None:
         ax.tick_params(labelsize=6)
     axes[0][0].set_ylabel("refusal score (log-odds)", fontsize=6)
     axes[0][0].legend(fontsize=5)
+    if causal:
+        ax, bars = (
+            axes[0][-1],
+            (
+                ("unsafe_compliance", "before", "unsafe compliance"),
+                ("unsafe_compliance", "ablated", "… r ablated"),
+                ("safe_refusal", "before", "safe refusal"),
+                ("safe_refusal", "added", "… r added"),
+            ),
+        )
+        width = 0.8 / len(bars)
+        for k, (rate, when, label) in enumerate(bars):
+            x = [i + k * width for i in range(len(causal))]
+            ax.bar(x, [c[rate][when] for c in causal.values()], width, label=label)
+        ax.set_xticks([i + 0.4 - width / 2 for i in range(len(causal))], list(causal), fontsize=6)
+        ax.set_ylim(0, 1)
+        ax.set_title("generations, selected direction", fontsize=8)
+        ax.legend(fontsize=5)
     _save(fig, out / "refusal_direction.png")
 
 
