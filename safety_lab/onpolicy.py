@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from safety_lab.config import DatasetConfig, Source
+from safety_lab.config import DatasetConfig, Source, plain
 from safety_lab.data.records import Preference, Probe
 from safety_lab.errors import SafetyLabError
 from safety_lab.eval.generate import generate
@@ -54,7 +54,7 @@ class OnPolicyArgs:
 
 def checked_args(dataset_cfg) -> OnPolicyArgs:
     try:
-        args = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(OnPolicyArgs), dataset_cfg.args))
+        args = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(OnPolicyArgs), plain(dataset_cfg.args)))
     except OmegaConfBaseException as e:
         raise SafetyLabError(f"dataset.args: {str(e).splitlines()[0]}") from None
     if not args.refusals:

@@ -37,7 +37,8 @@ def test_pairs_of_a_policy_stage_reject_its_own_greedy_answers(tmp_path, store, 
     base = stages.base()
     policy = {"method": plain(stages.cfg.method), "dataset": {**plain(stages.cfg.dataset), "n": 512}}
     policy["method"]["epochs"] = 2  # 32 steps of safety SFT: the policy answers harmful prompts unlike the base
-    cfg = dataset(*prompt_files, policy=policy)
+    root = OmegaConf.create({"policy": policy, "dataset": dataset(*prompt_files, policy="${policy}")})
+    cfg = root.dataset  # the policy by interpolation, as realign_smollm2 names its task stage
     pairs = stages.examples(cfg, base)
     assert not any("lora" in name for name, _ in base.model.named_parameters())  # the base handed back bare
 
