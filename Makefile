@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install install-real run test test-slow bench gpu-check clean
+.PHONY: install install-real run test test-slow bench bench-real gpu-check clean
 
 install: $(STAMP)
 
@@ -43,6 +43,12 @@ bench: install
 	$(PY) -m bench.contention
 	$(PY) -m bench.sweep +debug=fast align.dataset.n=64 fusion.inputs.task.dataset.n=64 \
 		fusion.inputs.safety.dataset.n=64 paths.artifacts=$(BENCH_STORE)
+
+# Issue #16's rows on SmolLM2-135M-Instruct (bench/README.md, "Real model"): generation against HF generate, DPO / SFT
+# epochs against TRL, full fine-tuning against the matmul peak (<= 25 min on 2 quiet cores).
+bench-real: install-real
+	$(PY) -m bench.real_generation
+	$(PY) -m bench.real_train
 
 # The first thing to run when a GPU is lent (README, "GPU check"): the SmolLM2 studies and the device settings in
 # ≤ 8 min, one table against the CPU reference (bench/gpu_check_reference.json). Without CUDA: one line, exit 0.
