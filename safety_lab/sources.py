@@ -9,7 +9,7 @@ from __future__ import annotations
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from safety_lab.config import DatasetConfig, MixConfig, Source, SuiteConfig
+from safety_lab.config import DatasetConfig, MixConfig, Source, SuiteConfig, plain
 from safety_lab.data import io
 from safety_lab.data.adapters import load_rows
 from safety_lab.data.records import Probe
@@ -80,9 +80,10 @@ def load_prompts(cfg) -> list[str]:
 
 def checked_suite(name: str, node):
     """`eval.suites.<name>` checked against SuiteConfig. Suites are typed loosely in the schema because OmegaConf
-    cannot add a typed entry from the command line (`'+eval.suites.x={view: harmful, prefix: [obey]}'`)."""
+    cannot add a typed entry from the command line (`'+eval.suites.x={view: harmful, prefix: [obey]}'`). Resolved
+    first: the typed copy has no root for `${paths.root}` to refer to."""
     try:
-        return OmegaConf.merge(OmegaConf.structured(SuiteConfig), node)
+        return OmegaConf.merge(OmegaConf.structured(SuiteConfig), plain(node))
     except OmegaConfBaseException as e:
         raise SafetyLabError(f"eval.suites.{name}: {str(e).splitlines()[0]}") from e
 

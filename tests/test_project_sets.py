@@ -144,3 +144,11 @@ def test_every_project_set_ships_as_package_data():
     }
     data = {f for f in (REPO / "safety_lab").rglob("*") if f.is_file() and f.suffix not in {".py", ".pyc"}}
     assert BENIGN.removeprefix("pkg:") in {str(f.relative_to(REPO)) for f in data} and shipped == data
+
+
+def test_a_suite_path_may_name_the_project_root():
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        cfg = compose("config", overrides=[f"paths.root={REPO}", "eval=harmful_harmless", "~eval.suites.harmful"])
+    probes = load_suites(cfg.eval, None)["harmless"]
+    lines = (REPO / "experiments" / "mechanistic" / "harmless_instructions.txt").read_text().splitlines()
+    assert [p.prompt for p in probes] == [line for line in lines if line.strip()] and not any(p.unsafe for p in probes)
