@@ -23,19 +23,36 @@ from safety_lab.models.lora import attach_lora
 from tests.conftest import SENTENCES, build_tiny_llama, build_tiny_tokenizer
 
 
-def test_pairs_pack_with_their_prompt_once_and_rows_as_wide_as_the_longest_pair():
-    shared = ([1, 2, 3, 4], [I, I, 3, 4]), ([1, 2, 5], [I, I, 5])  # prefix [1, 2], tails [3, 4] and [5]
-    disjoint = ([1, 6], [I, 6]), ([7, 6], [I, 6])  # no common prefix: two tails
+def test_pairs_pack_with_their_prompt_once_and_short_units_share_a_row():
+    shared = ([1, 2, 3, 4], [I, I, 3, 4]), ([1, 2, 5], [I, I, 5])  # prefix [1, 2], tails [3, 4] and [5]: 5 tokens
+    disjoint = ([1, 6], [I, 6]), ([7, 6], [I, 6])  # no common prefix: two tails, 4 tokens
+    # rows 5 wide (the longest unit) would need 2 × 5 positions, one row 9 wide needs 9
     batch = pack([list(shared), list(disjoint)], pad_id=0)
-    assert batch["input_ids"].tolist() == [[1, 2, 3, 4, 5], [1, 6, 7, 6, 0]]
-    assert batch["position_ids"].tolist() == [[0, 1, 2, 3, 2], [0, 1, 0, 1, 0]]
-    assert batch["attention_mask"].squeeze(1).int().tolist() == [
-        [[1, 0, 0, 0, 0], [1, 1, 0, 0, 0], [1, 1, 1, 0, 0], [1, 1, 1, 1, 0], [1, 1, 0, 0, 1]],
-        [[1, 0, 0, 0, 0], [1, 1, 0, 0, 0], [0, 0, 1, 0, 0], [0, 0, 1, 1, 0], [0, 0, 0, 0, 1]],
+    assert batch["input_ids"].tolist() == [[1, 2, 3, 4, 5, 1, 6, 7, 6]]
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 3, 2, 0, 1, 0, 1]]
+    assert ["".join(str(int(x)) for x in row) for row in batch["attention_mask"][0, 0]] == [
+        "100000000",
+        "110000000",
+        "111000000",
+        "111100000",
+        "110010000",  # the rejected tail sees the prompt, not the chosen tail
+        "000001000",
+        "000001100",
+        "000000010",
+        "000000011",
     ]
     # (row, column predicting the token, token, sequence): chosen sides are sequences 0, 1, rejected ones 2, 3
-    assert batch["targets"].tolist() == [[0, 1, 3, 0], [0, 2, 4, 0], [0, 1, 5, 2], [1, 0, 6, 1], [1, 2, 6, 3]]
+    assert batch["targets"].tolist() == [[0, 1, 3, 0], [0, 2, 4, 0], [0, 1, 5, 2], [0, 5, 6, 1], [0, 7, 6, 3]]
     assert batch["sequences"] == 4
+
+
+def test_rows_are_as_wide_as_the_longest_unit_when_wider_ones_save_nothing():
+    units = [[([1, 2, 3], [I, 2, 3])], [([4, 5, 6], [I, 5, 6])], [([7, 8], [I, 8])]]  # 3 + 3 + 2 tokens
+    batch = pack(units, pad_id=0)  # width 3: 3 rows, 9 positions; 4: 3 rows, 12; 5: 2 rows, 10; 6: 2 rows, 12
+    assert batch["input_ids"].tolist() == [[1, 2, 3], [4, 5, 6], [7, 8, 0]]
+    assert batch["position_ids"].tolist() == [[0, 1, 2], [0, 1, 2], [0, 1, 0]]
+    assert batch["attention_mask"][2, 0].int().tolist() == [[1, 0, 0], [1, 1, 0], [0, 0, 1]]  # a pad sees itself
+    assert batch["targets"].tolist() == [[0, 0, 2, 0], [0, 1, 3, 0], [1, 0, 5, 1], [1, 1, 6, 1], [2, 0, 8, 2]]
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,8 @@
 A micro-batch is a list of *units*: one (ids, labels) sequence for SFT, or a preference pair's chosen and rejected
 sequences, which share the tokens of their longest common prefix (the prompt). A unit is laid out as that prefix
 followed by each sequence's tail, every tail's positions restarting where the prefix ends; the units are packed
-first-fit, longest first, into rows as wide as the longest unit, and a 4D mask lets each token see only the earlier
+first-fit, longest first, into rows of the width that needs the fewest positions among the longest unit's length and
+up to twice it (wider rows cost more attention), and a 4D mask lets each token see only the earlier
 tokens of its own unit's prefix and its own tail (block-diagonal between units). So padding is computed only at the
 end of a row, the prompt once per pair, and the output projection only at the positions that predict a labelled
 token. `packed_logps` gives what `losses.sequence_logps` gives on the padded batch, up to rounding
@@ -38,21 +39,28 @@ def layout(unit: list[Sequence]) -> tuple[list[int], list[int], list[int], list[
     return ids, positions, branches, where
 
 
+def first_fit(sizes: list[int], width: int) -> list[list[int]]:
+    """Unit numbers per row: each unit, longest first, in the first row with room for it."""
+    rows, room = [], []
+    for u in sorted(range(len(sizes)), key=lambda u: -sizes[u]):
+        r = next((r for r, free in enumerate(room) if free >= sizes[u]), len(rows))
+        if r == len(rows):
+            rows.append([])
+            room.append(width)
+        rows[r].append(u)
+        room[r] -= sizes[u]
+    return rows
+
+
 def pack(units: list[list[Sequence]], pad_id: int) -> dict[str, torch.Tensor | int]:
     """The packed batch of `units`: input_ids, position_ids, attention_mask [rows, 1, width, width] (True: may
     attend), targets [labelled tokens, 4] = (row, column of the position predicting it, the token, its sequence) and
     `sequences`. Sequence i of unit u is number u + i·len(units), so pairs come out as (chosen...; rejected...)."""
     layouts = [layout(unit) for unit in units]
-    width = max(len(ids) for ids, *_ in layouts)
-    rows, room = [], []  # unit numbers per row, free columns per row
-    for u in sorted(range(len(units)), key=lambda u: -len(layouts[u][0])):
-        need = len(layouts[u][0])
-        r = next((r for r, free in enumerate(room) if free >= need), len(rows))
-        if r == len(rows):
-            rows.append([])
-            room.append(width)
-        rows[r].append(u)
-        room[r] -= need
+    sizes = [len(ids) for ids, *_ in layouts]
+    longest = max(sizes)
+    widths = range(longest, 2 * longest + 1, max(1, longest // 4))
+    width, rows = min(((w, first_fit(sizes, w)) for w in widths), key=lambda fit: fit[0] * len(fit[1]))
     ids, positions, branches, owners, targets = [], [], [], [], []
     for r, members in enumerate(rows):
         row_ids, row_positions, row_branches, row_owners = [], [], [], []
