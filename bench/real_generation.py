@@ -3,7 +3,8 @@
 The prompts: `--prompts` chat prompts of varied length from eval=standard_safety's sets (HarmBench, Do-Not-Answer,
 HarmBench behaviours in DAN templates, the over-refusal set; an equal share of each, in that order, as an
 evaluation hands them to the generator), rendered by the model's chat template; `--new` new tokens, greedy, fp32.
-Ours: safety_lab.eval.generate with its levers on (batches grouped by length, finished rows leave the decode batch).
+Ours: safety_lab.eval.generate with its levers on (batches grouped by length, finished rows leave the decode batch,
+prompts prefilled without padding).
 
 1. Against HF `generate` with the same batch size (eval.batch_size), plain left padding, prompts in the given order
    (`generate` with both levers off): ≥ 1.3× prompts/s, identical outputs.

@@ -248,6 +248,7 @@ class GenerationConfig:
 
     group_by_length: bool = True  # batches of prompts of similar length (less padding); answers in the given order
     drop_finished: bool = True  # a row that emitted EOS leaves the decode batch and the KV cache; false: HF generate
+    padding_free_prefill: bool = True  # in that loop: prompts prefilled unpadded, caches left-padded into the batch
 
 
 class BestMode(str, Enum):

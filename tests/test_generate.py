@@ -1,5 +1,6 @@
-"""The generator's levers (eval.generation) leave every greedy token unchanged: batches grouped by length and a decode
-loop that finished rows leave give HF `generate`'s tokens, on a tiny random Llama whose answers stop at varied steps."""
+"""The generator's levers (eval.generation) leave every greedy token unchanged: batches grouped by length, a decode
+loop that finished rows leave and its padding-free prefill give HF `generate`'s tokens, on a tiny random Llama whose
+answers stop at varied steps."""
 
 from __future__ import annotations
 
@@ -28,11 +29,19 @@ def stopping(model, tokenizer, prompts):  # noqa: F811
     return stopping
 
 
-def test_finished_rows_leave_the_batch_with_hf_generates_tokens(stopping, tokenizer, prompts):  # noqa: F811
+@pytest.mark.parametrize("padding_free_prefill", [True, False])
+def test_finished_rows_leave_the_batch_with_hf_generates_tokens(
+    stopping,
+    tokenizer,
+    prompts,  # noqa: F811
+    padding_free_prefill,
+):
     rows = tokenizer(prompts)["input_ids"]
+    assert max(Counter(map(len, rows)).values()) == 3  # the unpadded prefill has runs of 1, 2 and 3 equal lengths
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
     with torch.inference_mode():
-        ours, plain = greedy(stopping, rows, NEW, tokenizer), hf_greedy(stopping, rows, NEW, tokenizer)
+        ours = greedy(stopping, rows, NEW, tokenizer, padding_free_prefill)
+        plain = hf_greedy(stopping, rows, NEW, tokenizer)
     lengths = [len(r) for r in ours]
     assert len(set(lengths)) >= 4 and min(lengths) == 1 and max(lengths) == NEW  # rows finish at varied steps
     assert sum(n < NEW for n in lengths) >= 5 and sum(n == NEW for n in lengths) >= 5
@@ -43,11 +52,22 @@ def test_finished_rows_leave_the_batch_with_hf_generates_tokens(stopping, tokeni
 
 @pytest.mark.parametrize("group_by_length", [True, False])
 @pytest.mark.parametrize("drop_finished", [True, False])
-def test_levers_leave_every_response_unchanged(stopping, tokenizer, prompts, group_by_length, drop_finished):  # noqa: F811
+@pytest.mark.parametrize("padding_free_prefill", [True, False])  # our loop's prefill: no effect on HF generate
+def test_levers_leave_every_response_unchanged(
+    stopping,
+    tokenizer,
+    prompts,  # noqa: F811
+    group_by_length,
+    drop_finished,
+    padding_free_prefill,
+):
     def answers(batch_size: int, **levers) -> list[str]:
         return generate(stopping, tokenizer, prompts, NEW, batch_size, progress=False, **levers)
 
     plain = answers(4, group_by_length=False, drop_finished=False)  # HF generate on batches in the given order
-    assert answers(4, group_by_length=group_by_length, drop_finished=drop_finished) == plain
+    levers = dict(
+        group_by_length=group_by_length, drop_finished=drop_finished, padding_free_prefill=padding_free_prefill
+    )
+    assert answers(4, **levers) == plain
     assert answers(1, group_by_length=False, drop_finished=False) == plain  # one prompt at a time
     assert "" in plain and len(set(plain)) > 10  # some answers are EOS at once, most differ

@@ -1,19 +1,25 @@
 """Batched greedy generation: the "generate" step of evaluation (and of on-policy pairs).
 
 Prompts are padded on the left so every row's next token sits in the last column and decoded with the KV cache.
-Two levers, each a setting (`eval.generation`), leave every greedy token unchanged (tests/test_generate.py):
+Three levers, each a setting (`eval.generation`), leave every greedy token unchanged (tests/test_generate.py):
 
 - `group_by_length`: batches of prompts of similar token length (sorted), so little padding is computed;
 - `drop_finished`: our own decode loop, in which a row that emitted EOS leaves the batch and the KV cache
   (`DynamicCache.batch_select_indices`), so the last long answers are not decoded beside finished ones;
-  off, each batch goes through HF `generate`, which keeps decoding finished rows until all are done.
+  off, each batch goes through HF `generate`, which keeps decoding finished rows until all are done;
+- `padding_free_prefill` (in our loop): each run of equal-length prompts is prefilled alone, without padding, and the
+  runs' caches are left-padded into the decode batch, so a few long prompts do not pad every short one to their length.
 
 Responses come back in the prompts' original order.
 """
 
 from __future__ import annotations
 
+from functools import partial
+from itertools import groupby
+
 import torch
+import torch.nn.functional as F
 from tqdm.auto import tqdm
 from transformers import DynamicCache
 
@@ -31,6 +37,7 @@ def generate(
     add_special_tokens: bool = True,
     group_by_length: bool = True,
     drop_finished: bool = True,
+    padding_free_prefill: bool = True,
 ) -> list[str]:
     """Greedy responses (new tokens only, special tokens dropped, stripped) to fully formatted prompts.
 
@@ -42,7 +49,7 @@ def generate(
     order = list(range(len(prompts)))
     if group_by_length:
         order.sort(key=lambda i: len(encoded[i]))
-    decode = greedy if drop_finished else hf_greedy
+    decode = partial(greedy, padding_free_prefill=padding_free_prefill) if drop_finished else hf_greedy
     responses: list[str] = [""] * len(prompts)
     with eval_mode(model), torch.inference_mode():
         for start in tqdm(range(0, len(order), batch_size), desc="generate", disable=not progress):
@@ -74,26 +81,52 @@ def hf_greedy(model, rows: list[list[int]], max_new_tokens: int, tokenizer) -> l
     return output[:, input_ids.shape[1] :].tolist()
 
 
-def greedy(model, rows: list[list[int]], max_new_tokens: int, tokenizer) -> list[list[int]]:
+def padded_prefill(model, rows: list[list[int]], pad_token_id: int) -> tuple[torch.Tensor, DynamicCache, torch.Tensor]:
+    """(last-position logits, KV cache, attention mask) of `rows` left-padded into one batch: HF `generate`'s inputs
+    (position ids from the attention mask, pads at position 0)."""
+    input_ids, mask = left_padded(model, rows, pad_token_id)
+    cache = DynamicCache(config=model.config)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    logits = model(
+        input_ids=input_ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True, logits_to_keep=1
+    ).logits
+    return logits[:, -1], cache, mask
+
+
+def unpadded_prefill(
+    model, rows: list[list[int]], pad_token_id: int
+) -> tuple[torch.Tensor, DynamicCache, torch.Tensor]:
+    """`padded_prefill`'s result, each run of equal-length rows prefilled without padding (no mask, positions from 0)
+    and its cache rows left-padded with zeros to the longest row (the mask hides them, as it hides the pads' keys)."""
+    width = max(map(len, rows))
+    by_length = sorted(range(len(rows)), key=lambda i: len(rows[i]))
+    logits, caches = [], []
+    for length, run in groupby(by_length, key=lambda i: len(rows[i])):
+        cache = DynamicCache(config=model.config)
+        input_ids = torch.tensor([rows[i] for i in run], device=model.device)
+        logits.append(model(input_ids=input_ids, cache=cache, use_cache=True, logits_to_keep=1).logits[:, -1])
+        left = (0, 0, width - length, 0)  # zeros before the run's positions
+        caches.append([(F.pad(k, left), F.pad(v, left)) for k, v, _ in cache])
+    back = torch.tensor(by_length, device=model.device).argsort()  # row i's place among the runs' rows
+    layers = [[torch.cat(kv)[back] for kv in zip(*layer)] for layer in zip(*caches)]
+    _, mask = left_padded(model, rows, pad_token_id)
+    return torch.cat(logits)[back], DynamicCache(layers, config=model.config), mask
+
+
+def greedy(
+    model, rows: list[list[int]], max_new_tokens: int, tokenizer, padding_free_prefill: bool = True
+) -> list[list[int]]:
     """The new tokens of each row (up to and including its EOS) by a KV-cached greedy loop from which finished rows
     leave: the inputs HF `generate` gives the model (position ids from the attention mask, logits of the last
-    column only), on the rows still decoding."""
-    input_ids, mask = left_padded(model, rows, tokenizer.pad_token_id)
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)  # pads get position 0, as in HF generate
-    cache = DynamicCache(config=model.config)
+    column only), on the rows still decoding; the prompts prefilled without padding if `padding_free_prefill`."""
+    prefill = unpadded_prefill if padding_free_prefill else padded_prefill
+    logits, cache, mask = prefill(model, rows, tokenizer.pad_token_id)
+    positions = mask.sum(-1, keepdim=True) - 1  # each row's last position
     live = torch.arange(len(rows), device=model.device)  # the batch rows still decoding
     new_tokens: list[list[int]] = [[] for _ in rows]
     eos = tokenizer.eos_token_id
     for step in range(max_new_tokens):
-        logits = model(
-            input_ids=input_ids,
-            attention_mask=mask,
-            position_ids=positions,
-            cache=cache,
-            use_cache=True,
-            logits_to_keep=1,
-        ).logits
-        tokens = logits[:, -1].argmax(-1)
+        tokens = logits.argmax(-1)
         for row, token in zip(live.tolist(), tokens.tolist()):
             new_tokens[row].append(token)
         going = tokens != eos
@@ -103,6 +136,8 @@ def greedy(model, rows: list[list[int]], max_new_tokens: int, tokenizer) -> list
             kept = going.nonzero().squeeze(1)
             cache.batch_select_indices(kept)
             live, tokens, mask, positions = live[kept], tokens[kept], mask[kept], positions[kept]
-        input_ids, positions = tokens[:, None], positions[:, -1:] + 1
-        mask = torch.cat([mask, mask.new_ones(len(live), 1)], dim=-1)
+        positions, mask = positions + 1, torch.cat([mask, mask.new_ones(len(live), 1)], dim=-1)
+        logits = model(
+            input_ids=tokens[:, None], attention_mask=mask, position_ids=positions, cache=cache, use_cache=True
+        ).logits[:, -1]
     return new_tokens
