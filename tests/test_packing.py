@@ -7,6 +7,7 @@ import json
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 from test_pipeline import cli
 from test_preference_methods import UNPAIRED
 
@@ -14,9 +15,10 @@ from safety_lab.data.collate import IGNORE as I
 from safety_lab.data.collate import TokenizedExamples, TokenizedPreferences
 from safety_lab.data.records import Example, Preference
 from safety_lab.data.template import PromptTemplate
+from safety_lab.errors import SafetyLabError
 from safety_lab.methods.dpo import dpo_objective
 from safety_lab.methods.losses import sequence_logps
-from safety_lab.methods.packing import Packed, pack, packed_logps
+from safety_lab.methods.packing import Packed, pack, packed_if, packed_logps
 from safety_lab.methods.pairs import PairModule
 from safety_lab.methods.sft import SFTModule
 from safety_lab.models.lora import attach_lora
@@ -150,3 +152,15 @@ def test_packed_runs_train_dpo_sft_and_kto_end_to_end(tmp_path):
         run = cli(*overrides, *fast, store=tmp_path / "store", run_dir=tmp_path / name)
         assert run.returncode == 0, run.stderr[-3000:]
         assert 0 <= json.loads((tmp_path / name / "metrics.json").read_text())["harmful/refusal_rate"] <= 1
+
+
+def test_packing_refuses_more_than_one_process_in_one_line():
+    cfg = OmegaConf.create({"model": {"packing": True}, "strategy": {"strategy": "ddp", "devices": 2, "num_nodes": 1}})
+    with pytest.raises(SafetyLabError) as error:
+        packed_if(cfg, [])
+    assert str(error.value) == (
+        "model.packing=true trains in one process; strategy.strategy=ddp runs 2: use strategy=single or "
+        "model.packing=false"
+    )
+    cfg.model.packing = False
+    assert packed_if(cfg, []) == []

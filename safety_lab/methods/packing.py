@@ -19,6 +19,7 @@ import torch
 from torch.utils.data import Dataset
 
 from safety_lab.data.collate import IGNORE, TokenizedPreferences
+from safety_lab.errors import SafetyLabError
 from safety_lab.methods.losses import sequence_logps
 
 Sequence = tuple[list[int], list[int]]  # (input ids, labels) of equal length, as `collate.join` makes them
@@ -146,6 +147,14 @@ class Packed(Dataset):
         return pack([[row] for row in rows], self.data.pad_id)
 
 
-def packed_if(enabled: bool, data):
-    """`data` packed when `enabled` (`model.packing`), else as it is."""
-    return Packed(data) if enabled else data
+def packed_if(cfg, data):
+    """`data` packed when the run says `model.packing=true` (one process only), else as it is."""
+    if not cfg.model.get("packing", False):
+        return data
+    strategy = cfg.strategy
+    if strategy.strategy != "auto" or strategy.devices * strategy.num_nodes != 1:
+        raise SafetyLabError(
+            f"model.packing=true trains in one process; strategy.strategy={strategy.strategy} runs "
+            f"{strategy.devices * strategy.num_nodes}: use strategy=single or model.packing=false"
+        )
+    return Packed(data)

@@ -68,7 +68,7 @@ def preference_data(stages: Stages, base: Model, method_cfg, dataset_cfg) -> Tok
 
 def pair_data(stages: Stages, data: TokenizedPreferences):
     """Preference batches as the pair methods train on them: packed when `model.packing` is on."""
-    return packed_if(stages.cfg.model.get("packing", False), data)
+    return packed_if(stages.cfg, data)
 
 
 def check_logp_settings(cfg) -> None:

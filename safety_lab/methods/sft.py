@@ -101,7 +101,7 @@ class SFT(Method):
 
     def train(self, stages, base, method_cfg, dataset_cfg):
         m = method_cfg
-        data = packed_if(stages.cfg.model.get("packing", False), sft_data(stages, base, m, dataset_cfg))
+        data = packed_if(stages.cfg, sft_data(stages, base, m, dataset_cfg))
         tuned = trainable(base.model, plain(m.lora))
         module = self.module(tuned, stages, base, m)
         return tuned, stages.fit(self.name, module, data, m.batch_size, m.epochs, stages.cfg.seed)
