@@ -376,6 +376,14 @@ class FinetuneAttackConfig:
     method: Any = None
     dataset: Any = None
     suites: dict[str, Any] = field(default_factory=dict)
+    # the grid cell's metrics.json keys (report.py): harmful score, fine-tune accuracy, over-refusal
+    metrics: dict[str, str] = field(
+        default_factory=lambda: {
+            "harmful": "harmful/compliance_rate",
+            "accuracy": "utility/accuracy",
+            "over_refusal": "borderline/refusal_rate",
+        }
+    )
 
 
 def check_choices(overrides: list[str], conf: Path = CONF) -> None:

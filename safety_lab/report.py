@@ -55,12 +55,13 @@ PANELS = (
 CI = ("_ci_low", "_ci_high")  # suffixes of a metric's 95% interval bounds
 SEED_COLUMNS = [WEIGHT, "overrides", "jobs", "failed", "metric", "n", "mean", "std", "min", "max"]
 JUDGE_COLUMNS = ["job", "model", "suite", "verdict", "n", "judge_a", "rate_a", "judge_b", "rate_b", "kappa"]
-# the harmful fine-tuning grid (task=defend): rows, columns, and each cell's metrics with their heatmap colours
+# the harmful fine-tuning grid (task=defend): rows, columns, and each cell's metrics with their heatmap colours: a
+# role of the attack's `metrics` (config.FinetuneAttackConfig: the job's metrics.json key) and its default key
 GRID_AXES = ("defense", "attack")
 GRID = (
-    ("harmful score", "harmful/compliance_rate", "Reds"),
-    ("fine-tune accuracy", "utility/accuracy", "Greens"),
-    ("over-refusal", "borderline/refusal_rate", "Oranges"),
+    ("harmful score", "harmful", "harmful/compliance_rate", "Reds"),
+    ("fine-tune accuracy", "accuracy", "utility/accuracy", "Greens"),
+    ("over-refusal", "over_refusal", "borderline/refusal_rate", "Oranges"),
 )
 GRID_COLUMNS = [*GRID_AXES, "jobs", "failed", "metric", "n", "mean", "std", "min", "max"]
 
@@ -85,9 +86,13 @@ def _overrides(folder: Path, root: Path) -> list[str]:
 
 
 def _grid_cell(folder: Path, root: Path) -> dict:
-    """The grid cell of a harmful fine-tuning job (`task=defend`): its `attack` and `defense` choices; else {}."""
+    """The grid cell of a harmful fine-tuning job (`task=defend`): its `attack` and `defense` choices and, under
+    `grid`, its attack's `metrics` (role -> key); else {}."""
     choices = ((_job_yaml(folder, root, "hydra.yaml") or {}).get("hydra") or {}).get("runtime", {}).get("choices", {})
-    return {k: choices[k] for k in GRID_AXES} if all(k in choices for k in GRID_AXES) else {}
+    if not all(k in choices for k in GRID_AXES):
+        return {}
+    metrics = ((_job_yaml(folder, root, "config.yaml") or {}).get("attack") or {}).get("metrics") or {}
+    return {**{k: choices[k] for k in GRID_AXES}, "grid": metrics}
 
 
 def _read(path: Path) -> dict:
@@ -435,7 +440,8 @@ def _pareto(plt, points: list[tuple[float, dict]], harm: str, use: str, name: st
 
 def grid_cells(rows: list[dict]) -> dict[tuple[str, str], dict]:
     """The jobs of a harmful fine-tuning grid by (defense, attack), the no-defense row first, then in the order they
-    appear: `jobs`, `failed`, `errors` and `stats`, the `aggregate` of each GRID metric over the successful seeds."""
+    appear: `jobs`, `failed`, `errors`, `keys` (each GRID role's metric: the jobs' `grid`, else its default) and
+    `stats`, the `aggregate` of each key over the successful seeds."""
     groups: dict[tuple[str, str], list[dict]] = {}
     for r in rows:
         if all(axis in r for axis in GRID_AXES):
@@ -443,12 +449,15 @@ def grid_cells(rows: list[dict]) -> dict[tuple[str, str], dict]:
     cells = {}
     for cell in sorted(groups, key=lambda cell: cell[0] != "none"):
         ok = [r for r in groups[cell] if r["status"] == "ok"]
+        given = groups[cell][0].get("grid") or {}
+        keys = {role: given.get(role, key) for _, role, key, _ in GRID}
         cells[cell] = {
             "jobs": len(groups[cell]),
             "failed": len(groups[cell]) - len(ok),
             "errors": sorted({r["error"] for r in groups[cell] if r["status"] != "ok"}),
+            "keys": keys,
             "stats": {
-                key: aggregate([r[key] for r in ok if key in r]) for _, key, _ in GRID if any(key in r for r in ok)
+                key: aggregate([r[key] for r in ok if key in r]) for key in keys.values() if any(key in r for r in ok)
             },
         }
     return cells
@@ -464,8 +473,15 @@ def _grid_text(cell: dict | None, metrics: tuple = GRID, sep: str = " / ") -> st
         return ""
     if cell["failed"] == cell["jobs"]:
         return f"FAILED ({cell['jobs']} of {cell['jobs']})"
-    text = sep.join(_mean_std(cell["stats"][key]) if key in cell["stats"] else "–" for _, key, _ in metrics)
+    keys = [cell["keys"][role] for _, role, _, _ in metrics]
+    text = sep.join(_mean_std(cell["stats"][key]) if key in cell["stats"] else "–" for key in keys)
     return text + (f"{sep}(failed {cell['failed']} of {cell['jobs']})" if cell["failed"] else "")
+
+
+def _grid_mean(cell: dict | None, role: str) -> float:
+    import numpy as np
+
+    return cell["stats"].get(cell["keys"][role], {}).get("mean", np.nan) if cell else np.nan
 
 
 def _grid_figure(cells: dict, defenses: list[str], attacks: list[str], path: Path) -> Path:
@@ -484,13 +500,8 @@ def _grid_figure(cells: dict, defenses: list[str], attacks: list[str], path: Pat
         constrained_layout=True,
     )
     for ax, metric in zip(axes, GRID):
-        title, key, colours = metric
-        means = np.array(
-            [
-                [cells.get((d, a), {}).get("stats", {}).get(key, {}).get("mean", np.nan) for a in attacks]
-                for d in defenses
-            ]
-        )
+        title, role, _, colours = metric
+        means = np.array([[_grid_mean(cells.get((d, a)), role) for a in attacks] for d in defenses])
         image = ax.imshow(means, cmap=matplotlib.colormaps[colours].with_extremes(bad="lightgrey"), vmin=0, vmax=1)
         for i, d in enumerate(defenses):
             for j, a in enumerate(attacks):
@@ -519,9 +530,13 @@ def write_grid(rows: list[dict], folder: Path) -> list[Path]:
         return []
     defenses, attacks = (list(dict.fromkeys(cell[axis] for cell in cells)) for axis in (0, 1))
     failures = [f"- `defense={d} attack={a}`: {error}" for (d, a), c in cells.items() for error in c["errors"]]
+    keys = {
+        role: " or ".join(f"`{k}`" for k in dict.fromkeys(c["keys"][role] for c in cells.values()))
+        for _, role, _, _ in GRID
+    }
     lines = [
-        "Harmful fine-tuning grid. Each cell: harmful score (`harmful/compliance_rate`) / fine-tune accuracy "
-        "(`utility/accuracy`) / over-refusal (`borderline/refusal_rate`), mean ± sample std over seeds (ddof=1; none "
+        f"Harmful fine-tuning grid. Each cell: harmful score ({keys['harmful']}) / fine-tune accuracy "
+        f"({keys['accuracy']}) / over-refusal ({keys['over_refusal']}), mean ± sample std over seeds (ddof=1; none "
         "for one seed); failed seeds are left out and counted.",
         "",
         *_table(
@@ -532,7 +547,7 @@ def write_grid(rows: list[dict], folder: Path) -> list[Path]:
     table = [
         {"defense": d, "attack": a, "jobs": c["jobs"], "failed": c["failed"], "metric": key, **c["stats"].get(key, {})}
         for (d, a), c in cells.items()
-        for _, key, _ in GRID
+        for key in c["keys"].values()
     ]
     return [
         _write(folder / "grid.md", "\n".join(lines) + "\n"),

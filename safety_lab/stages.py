@@ -316,7 +316,7 @@ class Stages:
 
     def base(self, align=None) -> Model:
         """The run's base: a hub/local model as it is, or the synthetic base from its recipe; then its alignment
-        stage, if any, merged in: `align` ({method, dataset}), else the run's `align`."""
+        stage, if any, merged in: `align` ({method, dataset}), else the run's `align` (`align=False`: none)."""
         m = self.cfg.model
         if m.kind == ModelKind.hf:
             if m.gguf_file:  # dequantised once into the store, then loaded as plain safetensors
@@ -330,7 +330,7 @@ class Stages:
         else:
             folder = self.get_or_build("base", self.pretrain)
             base = Model(*load_pretrained(folder), entry_id(folder))
-        align = align or self.cfg.get("align")
+        align = self.cfg.get("align") if align is None else align
         if align:
             aligned = self.apply(base, align.method, align.dataset)
             base = Model(merged(aligned.model), base.tokenizer, aligned.id)
