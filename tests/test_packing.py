@@ -16,6 +16,7 @@ from safety_lab.data.collate import TokenizedExamples, TokenizedPreferences
 from safety_lab.data.records import Example, Preference
 from safety_lab.data.template import PromptTemplate
 from safety_lab.errors import SafetyLabError
+from safety_lab.methods import packing
 from safety_lab.methods.dpo import dpo_objective
 from safety_lab.methods.losses import sequence_logps
 from safety_lab.methods.packing import Packed, pack, packed_if, packed_logps
@@ -74,9 +75,10 @@ def pairs(n: int = 6) -> list[Preference]:
     return [Preference(s[i], s[(i + 1) % len(s)], " ".join(s[(i + 2) % len(s)].split()[: 2 + i])) for i in range(n)]
 
 
-@pytest.mark.parametrize("attention", ["sdpa", "eager"])
-def test_packed_log_probs_equal_the_padded_ones(tiny, attention):
+@pytest.mark.parametrize("attention, chunk", [("sdpa", 1024), ("eager", 1024), ("sdpa", 7)])
+def test_packed_log_probs_equal_the_padded_ones(tiny, attention, chunk, monkeypatch):
     tokenizer, model = tiny
+    monkeypatch.setattr(packing, "LOGIT_CHUNK", chunk)  # 7: the labels' logits in many chunks
     model.config._attn_implementation = attention
     data = TokenizedPreferences(pairs(), tokenizer, PromptTemplate("chat"), max_length=64)
     rows = [data[i] for i in range(len(data))]
@@ -130,8 +132,9 @@ def test_a_packed_dpo_step_has_the_padded_step_s_loss_and_gradients(tiny):
     assert_same_step(module, data, rows)
 
 
-def test_a_packed_sft_step_has_the_padded_step_s_loss_and_gradients(tiny):
+def test_a_packed_sft_step_has_the_padded_step_s_loss_and_gradients(tiny, monkeypatch):
     tokenizer, model = tiny
+    monkeypatch.setattr(packing, "LOGIT_CHUNK", 5)  # gradients through chunked logits too
     examples = [Example(p.prompt, p.chosen) for p in pairs()]
     data = TokenizedExamples(examples, tokenizer, PromptTemplate("chat"), max_length=64)
     module = SFTModule(copy.deepcopy(model), lr=1e-3)

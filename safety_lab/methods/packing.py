@@ -97,6 +97,13 @@ def pack(units: list[list[Sequence]], pad_id: int) -> dict[str, torch.Tensor | i
     }
 
 
+LOGIT_CHUNK = 1024  # positions whose logits are computed at once
+
+
+def label_logps(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    return logits.gather(-1, labels[:, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+
+
 def packed_logps(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     """(summed log-probability of each sequence's labelled tokens, how many there are) of a `pack`ed batch, under
     `model` (a causal LM, or a peft model around one)."""
@@ -108,8 +115,13 @@ def packed_logps(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         input_ids=batch["input_ids"], attention_mask=mask, position_ids=batch["position_ids"], use_cache=False
     ).last_hidden_state
     row, column, token, sequence = batch["targets"].T
-    logits = model.get_output_embeddings()(hidden[row, column]).float()
-    token_logps = logits.gather(-1, token[:, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+    head, predicting = model.get_output_embeddings(), hidden[row, column]
+    token_logps = torch.cat(  # in chunks: without autograd (the reference pass) only one chunk's logits live
+        [
+            label_logps(head(states).float(), labels)
+            for states, labels in zip(predicting.split(LOGIT_CHUNK), token.split(LOGIT_CHUNK))
+        ]
+    )
     summed = token_logps.new_zeros(batch["sequences"]).index_add(0, sequence, token_logps)
     return summed, torch.bincount(sequence, minlength=batch["sequences"])
 
