@@ -121,18 +121,17 @@ def count_tokens(pairs, tokenizer, template, sft: bool) -> int:
 
 
 def dpo_ours(base, template, pairs, batch_size: int) -> dict:
+    from safetensors.torch import load_file
+
     from safety_lab.methods.dpo import DPO
-    from safety_lab.stages import Model
 
     store = tempfile.mkdtemp()
     stages = our_stages(
         store, "dpo", write_pairs(pairs, store), batch_size, f"method.beta={BETA}", "method.beta_rejected=null"
     )
     start = time.perf_counter()
-    DPO().train(stages, Model(base.model, base.tokenizer, base.id), stages.cfg.method, stages.cfg.dataset)
+    DPO().train(stages, base, stages.cfg.method, stages.cfg.dataset)
     seconds = time.perf_counter() - start
-    from safetensors.torch import load_file
-
     (ref,) = Path(store, "ref_logps").glob("*/ref_logps.safetensors")
     reference = load_file(str(ref))
     return {"seconds": seconds, "ref_logps": reference["logps"].tolist(), "ref_counts": reference["counts"].tolist()}
@@ -201,17 +200,14 @@ def dpo_trl(base, template, pairs, batch_size: int, fast: bool) -> dict:
 
 
 def sft_ours(base, template, pairs, batch_size: int) -> dict:
-    from safety_lab.methods.sft import SFT
-    from safety_lab.stages import Model
+    from safety_lab.data.batching import loss_units
+    from safety_lab.methods.sft import SFT, sft_data
 
     store = tempfile.mkdtemp()
     stages = our_stages(store, "sft", write_pairs(pairs, store), batch_size)
     start = time.perf_counter()
-    SFT().train(stages, Model(base.model, base.tokenizer, base.id), stages.cfg.method, stages.cfg.dataset)
+    SFT().train(stages, base, stages.cfg.method, stages.cfg.dataset)
     seconds = time.perf_counter() - start
-    from safety_lab.data.batching import loss_units
-    from safety_lab.methods.sft import sft_data
-
     return {
         "seconds": seconds,
         "labelled": sum(loss_units(sft_data(stages, base, stages.cfg.method, stages.cfg.dataset))),
