@@ -15,7 +15,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from safety_lab.artifacts import write_json_atomic
-from safety_lab.config import check_choices, register
+from safety_lab.config import check_choices, check_overrides, register
 from safety_lab.errors import SafetyLabError
 from safety_lab.search import check_search, objective
 
@@ -65,6 +65,7 @@ def main(cfg: DictConfig) -> float | None:
 if __name__ == "__main__":
     try:
         check_choices(sys.argv[1:])  # an unknown option of a group (`defense=foo`): one line, before Hydra composes
+        check_overrides(sys.argv[1:])  # any other composition error (`method.lr=abc`): one line too
     except SafetyLabError as e:
         exit_with(e)
     main()

@@ -13,13 +13,18 @@ from __future__ import annotations
 import math
 import operator
 import re
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, fields, make_dataclass
 from enum import Enum
 from pathlib import Path
 from typing import Any
 
+from hydra import compose, initialize_config_dir
 from hydra.core.config_store import ConfigStore
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.core.override_parser.types import ValueType
+from hydra.errors import ConfigCompositionException, OverrideParseException
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from safety_lab.errors import SafetyLabError
@@ -387,18 +392,53 @@ class FinetuneAttackConfig:
 
 
 def check_choices(overrides: list[str], conf: Path = CONF) -> None:
-    """One SafetyLabError line for a command-line choice that names no YAML of its config group, e.g. `attack=foo`
-    or `defense=none,foo` (Hydra's own message spans many lines and exits 1). Hydra's groups, and values that are
-    not plain names (sweep functions, interpolations), are left to Hydra."""
+    """One SafetyLabError line for a command-line choice that names no YAML of its config group, e.g. `attack=foo`,
+    `defense=none,foo` or `attack=smollm2/p50` (Hydra's own message spans many lines and exits 1), listing the
+    options of the folder it names (subfolders end in `/`). Hydra's groups, and values that are not plain names
+    (sweep functions, interpolations), are left to Hydra."""
     for override in overrides:
         key, _, value = override.lstrip("+~").partition("=")
         group = key.split("@")[0]
-        if group.startswith("hydra") or not (conf / group).is_dir() or not re.fullmatch(r"[\w.-]+(,[\w.-]+)*", value):
+        if group.startswith("hydra") or not (conf / group).is_dir() or not re.fullmatch(r"[\w./-]+(,[\w./-]+)*", value):
             continue
-        options = sorted(p.stem for p in (conf / group).glob("*.yaml"))
         for name in value.split(","):
-            if name != "null" and name not in options:
-                raise SafetyLabError(f"{key}={name}: no such option; conf/{group}/ has {', '.join(options)}")
+            folder = name.rpartition("/")[0]
+            where = conf / group / folder if (conf / group / folder).is_dir() else conf / group
+            listed = [p for p in where.iterdir() if p.is_dir() or p.suffix == ".yaml"]
+            options = sorted(f"{p.name}/" if p.is_dir() else p.stem for p in listed)
+            if name != "null" and not (conf / group / f"{name}.yaml").is_file():
+                raise SafetyLabError(
+                    f"{key}={name}: no such option; {where.relative_to(conf.parent)}/ has {', '.join(options)}"
+                )
+
+
+def check_overrides(overrides: list[str], conf: Path = CONF) -> None:
+    """One SafetyLabError line for a command line that Hydra cannot compose, e.g. a value of the wrong type
+    (`analysis.add_scale=abc`) or a key no schema has (`trainer.foo=1`), instead of Hydra's many lines and exit 1.
+    A sweep is composed as its first job; a sweep that lists no values (`interval(…)`) and flags other than `-m`
+    leave the command to Hydra."""
+    if any(arg.startswith("-") and arg not in ("-m", "--multirun") for arg in overrides):
+        return
+    try:
+        parsed = OverridesParser.create().parse_overrides([arg for arg in overrides if not arg.startswith("-")])
+    except OverrideParseException:
+        return
+    first_job = []
+    for override in parsed:
+        if not override.is_sweep_override():
+            first_job.append(override.input_line)
+        elif override.value_type in (ValueType.SIMPLE_CHOICE_SWEEP, ValueType.CHOICE_SWEEP, ValueType.RANGE_SWEEP):
+            first_job.append(f"{override.get_key_element()}={next(override.sweep_string_iterator())}")
+        else:
+            return
+    try:
+        with initialize_config_dir(config_dir=str(conf), version_base="1.3"), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # Hydra's own composition warns the user right after
+            compose("config", overrides=first_job)
+    except ConfigCompositionException as e:
+        cause = f": {str(e.__cause__).splitlines()[0]}" if e.__cause__ else ""
+        what = str(e).splitlines()[0].removeprefix("Error merging override ").rstrip(".")
+        raise SafetyLabError(f"{what}{cause}") from None
 
 
 def register(conf: Path = CONF) -> None:
@@ -463,6 +503,11 @@ METHOD_RANGES: dict[str, dict[str, Range]] = {}  # method name -> {dotted settin
 UNCHECKED = ("hydra", "judge_args", "trainer")  # other programs' settings, checked by those programs
 
 
+def children(node) -> Iterable[tuple[Any, Any]]:
+    """(key, value) of each entry of a config mapping, (index, value) of a list; nothing for a plain value."""
+    return node.items() if isinstance(node, DictConfig) else enumerate(node) if isinstance(node, ListConfig) else ()
+
+
 def check_values(node, path: str = "", own: dict[str, Range] | None = None) -> None:
     """Raise one `SafetyLabError` line naming the first numeric setting outside its range, not finite, or not a
     number (a setting whose schema type is `Any`, as a method's null default), e.g. `method.lr=-0.001: must be > 0`.
@@ -472,8 +517,7 @@ def check_values(node, path: str = "", own: dict[str, Range] | None = None) -> N
     own = own or {}
     if isinstance(node, DictConfig) and node.get("name") in METHOD_RANGES:
         own = METHOD_RANGES[node.name]
-    items = node.items() if isinstance(node, DictConfig) else enumerate(node) if isinstance(node, ListConfig) else ()
-    for key, value in items:
+    for key, value in children(node):
         where = f"{path}.{key}" if path else str(key)
         limits = own.get(key) or RANGES.get(key)
         if isinstance(value, (DictConfig, ListConfig)):

@@ -15,11 +15,13 @@ import torch
 from hydra.utils import get_class
 from omegaconf import DictConfig
 
+from safety_lab.analysis.study import check_analysis
 from safety_lab.config import check_values
 from safety_lab.distributed import job_threads
 from safety_lab.errors import SafetyLabError
 from safety_lab.eval.during_training import check_settings
 from safety_lab.methods import build_method
+from safety_lab.onpolicy import check_datasets
 from safety_lab.sources import checked_mix
 from safety_lab.stages import Stages
 from safety_lab.tasks import task_of
@@ -31,6 +33,7 @@ log = logging.getLogger(__name__)
 def run(cfg: DictConfig) -> Path | None:
     """The run folder holding `metrics.json` (None on ranks > 0 of a multi-process run)."""
     check_values(cfg)
+    check_datasets(cfg)  # every on-policy dataset's args
     checked_mix(cfg.dataset)
     task = task_of(cfg)
     torch.set_num_threads(job_threads(cfg))
@@ -46,6 +49,8 @@ def run(cfg: DictConfig) -> Path | None:
     stages = Stages(cfg)
     evaluation = Evaluation(cfg, stages.world, stages.template)
     check_settings(cfg.eval, evaluation.judge.labels)  # eval.during_training
+    if cfg.get("analysis"):
+        check_analysis(cfg.analysis, evaluation.suites)
     if cfg.method.name != "none":
         build_method(cfg.method.name).check(cfg.method)
     if cfg.get("align"):  # the align stage's method too; its messages name `method.<key>`, so they get the stage

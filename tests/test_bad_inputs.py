@@ -1,6 +1,8 @@
 """Bad inputs: a cut-short or malicious checkpoint or weights file, pickle-only weights, an empty data file or folder,
 a file that is not UTF-8. Each is one line naming the file and the cause, found before anything loads it (a
-malicious pickle never runs), so nothing reaches the store; only the store's own corrupt `last.ckpt` is set aside."""
+malicious pickle never runs), so nothing reaches the store; only the store's own corrupt `last.ckpt` is set aside.
+Bad settings on the command line (a nested group's unknown option, a value of the wrong type, an on-policy
+dataset's unknown argument, an analysis's unknown projection) are one line too, before anything loads."""
 
 from __future__ import annotations
 
@@ -275,3 +277,45 @@ def test_cli_refuses_a_model_folder_with_truncated_weights(tmp_path, model_folde
         timeout=300,
     )
     assert_refused(result, tmp_path / "store", f"{weights}: {NOT_COVERED}")
+
+
+@pytest.mark.parametrize(
+    "overrides, expected",
+    [
+        (
+            ["+experiment=hft_grid", "attack=smollm2/p50"],
+            "attack=smollm2/p50: no such option; conf/attack/smollm2/ has benign, none, p20, p5",
+        ),
+        (
+            ["+experiment=mechanistic", "analysis.add_scale=abc"],
+            "analysis.add_scale=abc: Value 'abc' of type 'str' could not be converted to Float",
+        ),
+        (
+            ["+experiment=mechanistic", "analysis.energy=abc"],
+            "analysis.energy=abc: Value 'abc' of type 'str' could not be converted to Float",
+        ),
+        (
+            ["+experiment=mechanistic", "+debug=fast", "analysis.matrices=[gate_proj,lm_head]"],
+            "analysis.matrices: 'lm_head' is not one of "
+            "['q_proj', 'k_proj', 'v_proj', 'o_proj', 'gate_proj', 'up_proj', 'down_proj']",
+        ),
+        (
+            ["+experiment=quickstart", "+debug=fast", "dataset=onpolicy_safety", "+dataset.args.harmful_fractoin=0.1"],
+            "dataset.args.harmful_fractoin=0.1: no such argument; an on-policy dataset takes unsafe, safe, refusals, "
+            "max_new_tokens, batch_size, judge, judge_args, policy",
+        ),
+        (  # the SmolLM2 p-mix attack, refused before its model is looked for
+            ["+experiment=hft_grid_smollm2", "attack=smollm2/p20", "+attack.dataset.args.harmful_fractoin=0.1"],
+            "attack.dataset.args.harmful_fractoin=0.1: no such argument; a view of args.pairs takes pairs, "
+            "harmful_fraction",
+        ),
+        (
+            ["+experiment=hft_grid_smollm2", "attack.dataset.view=harmful"],
+            "attack.dataset.view=harmful, n=250: args.pairs takes view null or harmful_mix with an n",
+        ),
+    ],
+)
+def test_cli_refuses_a_bad_setting_in_one_line_before_anything_loads(tmp_path, overrides, expected):
+    result = run_safety_lab(*overrides, f"hydra.run.dir={tmp_path}/run", store=tmp_path / "store", timeout=300)
+    assert_refused(result, tmp_path / "store", expected)
+    assert not (tmp_path / "run" / "metrics.json").exists()

@@ -4,8 +4,8 @@ In the spirit of torchtune's config tests and lightning-hydra-template's: no mod
 each option of each config group is composed with Hydra's compose API; then every `_target_` node's keys are bound
 to the target's signature (so a misspelled Trainer or logger key fails here, not an hour into a run), and the
 plain-dataclass parts (world spec, prompt template, synthetic dataset views and eval suites) are constructed or
-looked up. Bad command-line values must fail at composition naming the key, and the real CLI must exit non-zero
-with a first stderr line that names the culprit, leaving no `metrics.json` behind.
+looked up. Bad command-line values must fail at composition naming the key, and the real CLI must exit
+with 2 and a first stderr line that names the culprit, leaving no `metrics.json` behind.
 """
 
 from __future__ import annotations
@@ -337,7 +337,7 @@ def run_cli(tmp_path: Path, *overrides: str) -> subprocess.CompletedProcess:
 
 
 def assert_failed_naming(result: subprocess.CompletedProcess, culprit: str, tmp_path: Path) -> None:
-    assert result.returncode != 0, result.stdout[-2000:]
+    assert result.returncode == 2, result.stdout[-2000:]  # a user's mistake: one line, exit 2 (__main__.py)
     line = first_error_line(result.stderr)
     assert culprit in line, f"first error line {line!r} does not name {culprit!r}; stderr:\n{result.stderr[-3000:]}"
     assert not (tmp_path / "run" / "metrics.json").exists()

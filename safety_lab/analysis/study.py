@@ -78,26 +78,30 @@ def mean_of(values: dict, key: str) -> float:
     return sum(v[key] for v in values.values()) / len(values)
 
 
+def check_analysis(a, suites: dict) -> None:
+    """One SafetyLabError line for a setting of `analysis` (the config node) that names no suite of `suites`, no
+    analysis or no projection; run.py calls it before anything loads."""
+    for key in ("safe_suite", "unsafe_suite"):
+        if a[key] not in suites:
+            raise SafetyLabError(f"analysis.{key}={a[key]!r} is not one of the eval suites {sorted(suites)}")
+    for name in a.jailbreak_suites:
+        if name not in suites:
+            raise SafetyLabError(f"analysis.jailbreak_suites: {name!r} is not one of the eval suites {sorted(suites)}")
+    for name in a.analyses or ():
+        if name not in ANALYSES:
+            raise SafetyLabError(f"analysis.analyses: {name!r} is not one of {list(ANALYSES)}")
+    for name in a.matrices:
+        if name not in PROJECTIONS:
+            raise SafetyLabError(f"analysis.matrices: {name!r} is not one of {list(PROJECTIONS)}")
+
+
 class Study:
     """The analyses of `analysis` (the config node) over models evaluated on `suites`, written into `out`; its
-    settings are checked on construction, before any model trains."""
+    settings are checked on construction (`check_analysis`), before any model trains."""
 
     def __init__(self, analysis, template: PromptTemplate, tokenizer, suites: dict, out: Path, seed: int = 0):
         a = analysis
-        for key in ("safe_suite", "unsafe_suite"):
-            if a[key] not in suites:
-                raise SafetyLabError(f"analysis.{key}={a[key]!r} is not one of the eval suites {sorted(suites)}")
-        for name in a.jailbreak_suites:
-            if name not in suites:
-                raise SafetyLabError(
-                    f"analysis.jailbreak_suites: {name!r} is not one of the eval suites {sorted(suites)}"
-                )
-        for name in a.analyses or ():
-            if name not in ANALYSES:
-                raise SafetyLabError(f"analysis.analyses: {name!r} is not one of {list(ANALYSES)}")
-        for name in a.matrices:
-            if name not in PROJECTIONS:
-                raise SafetyLabError(f"analysis.matrices: {name!r} is not one of {list(PROJECTIONS)}")
+        check_analysis(a, suites)
         refusal = tokenizer(a.refusal, add_special_tokens=False)["input_ids"]
         if not refusal:
             raise SafetyLabError(f"analysis.refusal={a.refusal!r} tokenizes to nothing")
