@@ -133,9 +133,8 @@ def test_study_writes_each_chosen_analysis_and_compares_tuned_weights_with_the_b
         attack={"n": 3, "tokens": [1, 2], "steps": 2, "report_at": [1]},
         models={"tuned": {"method": {"name": "sft", "lr": 1e-3}}},
     )
-    assess = _assess(synthetic)
-    columns, rows = study.run({"base": model, "tuned": tuned}, assess, lambda m, names: assess(m, "steered", names)[0])
-    assert set(columns) == {"base", "tuned"} and len(rows) == 2 * 36
+    columns, rows = study.run({"base": model, "tuned": tuned}, _assess(synthetic))
+    assert set(columns) == {"base", "tuned"} and len(rows) == 2 * (36 + 12 + 12)  # with the steered generations
     assert list(ANALYSES) == [
         "activation_space",
         "column_space",
@@ -172,8 +171,7 @@ def test_study_writes_each_chosen_analysis_and_compares_tuned_weights_with_the_b
 def test_study_runs_only_the_chosen_analyses_and_rejects_unknown_ones(synthetic, tmp_path):
     _, _, model, _ = synthetic
     study = _study(synthetic, tmp_path, analyses=["activation_space"])
-    assess = _assess(synthetic)
-    study.run({"base": model}, assess, lambda m, names: assess(m, "steered", names)[0])
+    study.run({"base": model}, _assess(synthetic))
     assert sorted(p.name for p in tmp_path.iterdir()) == [
         "activation_space.json",
         "activation_space.png",

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import json
+from collections import Counter
 
 import pytest
 import torch
@@ -20,8 +21,11 @@ from test_recipes import composed, stage_id
 from safety_lab.analysis import geometry as g
 from safety_lab.analysis.hooks import activations, steer
 from safety_lab.analysis.study import findings
+from safety_lab.data.io import read_jsonl
 from safety_lab.data.template import PromptTemplate
 from safety_lab.errors import SafetyLabError
+from safety_lab.rejudge import rejudge
+from safety_lab.tasks.results import write_results
 
 ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
 
@@ -89,8 +93,7 @@ def test_row_and_column_space_read_a_lora_stages_delta_w(synthetic, lora_pair, t
         row_space_k=3,
         models={"tuned": {"method": {"name": "sft", "lr": 1e-3}}},
     )
-    assess = _assess(synthetic)
-    study.run({"base": base, "tuned": tuned}, assess, lambda m, names: assess(m, "steered", names)[0])
+    study.run({"base": base, "tuned": tuned}, _assess(synthetic))
     row = json.loads((tmp_path / "row_space.json").read_text())["tuned"]["matrices"]
     column = json.loads((tmp_path / "column_space.json").read_text())["tuned"]["matrices"]
     assert set(row) == set(column) == {f"layer{i}.{p}" for i in (0, 1) for p in ATTENTION}
@@ -111,10 +114,19 @@ def test_row_and_column_space_read_a_lora_stages_delta_w(synthetic, lora_pair, t
 def test_the_causal_test_generates_with_the_selected_direction_and_states_its_checks(synthetic, tmp_path):
     _, _, model, _ = synthetic
     study = _study(synthetic, tmp_path, analyses=["refusal_direction"], direction_n=5, add_scale=4.0, batch_size=7)
-    assess = _assess(synthetic)
-    columns, _ = study.run({"base": model}, assess, lambda m, names: assess(m, "steered", names)[0])
+    columns, rows = study.run({"base": model}, _assess(synthetic))
     result = json.loads((tmp_path / "refusal_direction.json").read_text())["base"]
     causal = result["causal"]
+    # the steered generations are rows of their own: all 12 harmful prompts ablated, all 12 utility ones added
+    steered = [(row["model"], row["suite"]) for row in rows[36:]]
+    assert steered == [("base+ablated", "harmful")] * 12 + [("base+added", "utility")] * 12
+    # written as the analyse task writes them, rejudge reads them back: the same judge gives the same rates
+    write_results(tmp_path, columns, rows, main="none")
+    rejudge(tmp_path, ["judge=exact"])
+    rejudged = json.loads((tmp_path / "metrics_exact.json").read_text())
+    assert rejudged["base+ablated.harmful/compliance_rate"] == causal["unsafe_compliance"]["ablated"]
+    assert rejudged["base+added.utility/refusal_rate"] == result["added_generation"]["utility/refusal_rate"]
+    assert rejudged["base.harmful/compliance_rate"] == causal["unsafe_compliance"]["before"]
     assert causal["unsafe_compliance"] == {
         "before": columns["base"]["harmful/compliance_rate"],
         "ablated": result["ablated_generation"]["harmful/compliance_rate"],
@@ -192,3 +204,16 @@ def test_the_experiment_runs_on_the_synthetic_tiny_model(tmp_path):
     assert set(checks["silhouette_up"]) == set(checks["row_space_carries_unsafe"]) == {"sft"}
     assert set(checks["ablation_raises_compliance"]) == set(checks["addition_raises_refusal"]) == {"base", "sft"}
     assert set(checks["jailbreaks_closer_to_safe"]["sft"]) == {"jailbreak_competing"}
+    # each model's rows on every suite, and its steered ones: the whole unsafe suite ablated, the safe one added
+    models = Counter((row["model"], row["suite"]) for row in read_jsonl(run / "generations.jsonl"))
+    assert {tag for tag, _ in models} == {"base", "sft", "base+ablated", "base+added", "sft+ablated", "sft+added"}
+    for tag in ("base", "sft"):
+        assert [k for k in models if k[0].startswith(f"{tag}+")] == [
+            (f"{tag}+ablated", "harmful"),
+            (f"{tag}+added", "utility"),
+        ]
+        assert models[(f"{tag}+ablated", "harmful")] == models[(tag, "harmful")] > 0
+        assert models[(f"{tag}+added", "utility")] == models[(tag, "utility")] > 0
+    rejudge(run, ["judge=exact"])  # the run's own judge again: the causal test's rates from its rows
+    rejudged, causal = (json.loads((run / f).read_text()) for f in ("metrics_exact.json", "refusal_direction.json"))
+    assert rejudged["sft+ablated.harmful/compliance_rate"] == causal["sft"]["causal"]["unsafe_compliance"]["ablated"]

@@ -17,6 +17,7 @@ import json
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -35,15 +36,15 @@ DIRECTION_LAYERS = 0.8  # Arditi et al. skip candidate directions from the last 
 @dataclass
 class Subject:
     """One model under analysis: its tag, the model, the base it was tuned from, its activations on every prompt of
-    the suites (`hooks.activations`), its metrics on every suite, and its evaluation on the named suites as it is at
-    the moment (e.g. steered)."""
+    the suites (`hooks.activations`), its metrics on every suite, and `assess(names, how)`: its metrics on the named
+    suites as it is at the moment (steered), its generations kept in the run's under the tag `<tag>+<how>`."""
 
     tag: str
     model: torch.nn.Module
     base: torch.nn.Module
     acts: dict[str, torch.Tensor]
     metrics: dict
-    assess: Callable[[list[str]], dict]
+    assess: Callable[[list[str], str], dict]
 
 
 @dataclass(frozen=True)
@@ -126,10 +127,17 @@ class Study:
         labels = torch.cat([torch.zeros(safe.stop - safe.start), torch.ones(unsafe.stop - unsafe.start)]).bool()
         return safe, unsafe, labels
 
-    def run(self, models: dict, assess, assess_steered) -> tuple[dict, list]:
-        """Evaluate (`assess(model, tag) -> (metrics, rows)`) and analyse every model of `models` (the base first,
-        as "base"); write each analysis's JSON and figure and the findings; returns (metrics per tag, rows)."""
+    def run(self, models: dict, assess) -> tuple[dict, list]:
+        """Evaluate (`assess(model, tag, only=None) -> (metrics, rows)`, on every suite or those named in `only`) and
+        analyse every model of `models` (the base first, as "base"); write each analysis's JSON and figure and the
+        findings; returns (metrics per tag, generation rows: each model's, then its steered versions')."""
         columns, generations = {}, []
+
+        def steered(names: list[str], how: str, model, tag: str) -> dict:
+            metrics, rows = assess(model, f"{tag}+{how}", names)
+            generations.extend(rows)
+            return metrics
+
         results = {name: {} for name in (*self.chosen, "jailbreak")}
         for tag, model in models.items():
             log.info("analysing %s", tag)
@@ -142,9 +150,8 @@ class Study:
                 f"{self.cfg.unsafe_suite}/refusal_rate"
             )
             acts, _ = self.activations(model, self.prompts, tuple(self.cfg.matrices))
-            subject = Subject(
-                tag, model, models["base"], acts, columns[tag], lambda names, m=model: assess_steered(m, names)
-            )
+            steerable = partial(steered, model=model, tag=tag)
+            subject = Subject(tag, model, models["base"], acts, columns[tag], steerable)
             for name in self.chosen:
                 value = ANALYSES[name].run(self, subject)
                 if value is not None:
@@ -292,8 +299,9 @@ def refusal_direction(study: Study, subject: Subject) -> dict:
     ablation (unsafe prompts) and addition of `add_scale`·r (safe prompts), on the first `direction_n` prompts of
     each side; the causal test (Arditi et al.): greedy generations of the whole unsafe suite with the selected
     direction ablated everywhere and of the whole safe suite with it added at its layer, judged as every suite is,
-    next to the model's own rates. A layer whose safe and unsafe means coincide (layer 0, where every prompt ends
-    in the same token) has no direction and no scores. Selection as Arditi et al.: the lowest ablated score outside
+    next to the model's own rates (their rows in generations.jsonl as the models `<tag>+ablated` and `<tag>+added`).
+    A layer whose safe and unsafe means coincide (layer 0, where every prompt ends in the same token) has no
+    direction and no scores. Selection as Arditi et al.: the lowest ablated score outside
     the last 20% of layers (any layer if none is left)."""
     cfg, model, resid = study.cfg, subject.model, subject.acts["resid"]
     safe, unsafe, labels = study.sides()
@@ -327,9 +335,9 @@ def refusal_direction(study: Study, subject: Subject) -> dict:
     if best is None:
         return result
     with steer(model, directions[best], "ablate"):
-        result["ablated_generation"] = subject.assess([cfg.unsafe_suite])
+        result["ablated_generation"] = subject.assess([cfg.unsafe_suite], "ablated")
     with steer(model, directions[best], "add", layer=best, coefficient=cfg.add_scale):
-        result["added_generation"] = subject.assess([cfg.safe_suite])
+        result["added_generation"] = subject.assess([cfg.safe_suite], "added")
     compliance, refusal = f"{cfg.unsafe_suite}/compliance_rate", f"{cfg.safe_suite}/refusal_rate"
     result["causal"] = {
         "unsafe_compliance": {

@@ -35,8 +35,6 @@ def analyse(cfg: DictConfig, stages: Stages, evaluation: Evaluation, out: Path) 
     if not is_rank_zero():
         return None
     columns, generations = study.run(
-        models,
-        lambda model, tag: evaluation.assess(model, base.tokenizer, tag),
-        lambda model, names: evaluation.assess(model, base.tokenizer, "steered", names)[0],
+        models, lambda model, tag, only=None: evaluation.assess(model, base.tokenizer, tag, only)
     )
     return finish(out, columns, generations, main=cfg.method.name)
