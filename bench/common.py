@@ -1,4 +1,5 @@
-"""Shared helpers of the benchmarks: timing as medians of repeats, peak RSS, and the results file.
+"""Shared helpers of the benchmarks: timing as medians of repeats, peak RSS, sides in child processes, and the
+results file.
 
 Every figure is a ratio against a baseline measured in the same process (or back to back), so the noisy machine
 cancels out; `record` merges one entry into `bench/results.json` and rewrites the table in `bench/README.md`.
@@ -13,12 +14,15 @@ import os
 import platform
 import resource
 import statistics
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
+REPO = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).with_name("results.json")
 README = Path(__file__).with_name("README.md")
 TABLE_START, TABLE_END = "<!-- results:start -->", "<!-- results:end -->"
@@ -57,6 +61,29 @@ def peak_rss_of(fn: Callable[[], object]) -> tuple[object, float]:
     reset_peak_rss()
     result = fn()
     return result, peak_rss_mib()
+
+
+def timed(fn: Callable[[], object]) -> tuple[object, float, float]:
+    """(fn(), its seconds, the peak RSS in MiB while it ran)."""
+    start = time.perf_counter()
+    result, rss = peak_rss_of(fn)
+    return result, time.perf_counter() - start, rss
+
+
+def side_result(module: str, side: str, *args: str) -> dict:
+    """What `python -m <module> --side <side> <args>` printed with `print_result`: one side of a benchmark run in a
+    fresh child process, so its peak RSS is its own; exits with the child's stderr if it failed."""
+    command = [sys.executable, "-m", module, "--side", side, *args]
+    proc = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    if proc.returncode or not lines:
+        raise SystemExit(f"{side} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(lines[-1].removeprefix("RESULT "))
+
+
+def print_result(result: dict) -> None:
+    """A child side's `result` and its peak RSS, as the line `side_result` reads."""
+    print("RESULT " + json.dumps({**result, "peak_rss_mib": peak_rss_mib()}))
 
 
 def meets(ratio: float, target: float, higher_is_better: bool) -> bool:
@@ -143,12 +170,12 @@ def compose(*overrides: str):
     from safety_lab.config import register
 
     register()
-    conf = Path(__file__).resolve().parents[1] / "conf"
+    conf = REPO / "conf"
     with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
         cfg = hydra_compose("config", overrides=list(overrides), return_hydra_config=True)
     HydraConfig.instance().set_config(cfg)
     with open_dict(cfg):
-        cfg.paths.output_dir = str(Path(__file__).resolve().parents[1] / "outputs" / "bench")
+        cfg.paths.output_dir = str(REPO / "outputs" / "bench")
     return cfg
 
 

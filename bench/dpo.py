@@ -15,17 +15,12 @@ Targets: ≥ 2.0× TRL's tokens/s and ≤ 1.0× its peak RSS; recorded in bench/
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
-from pathlib import Path
 
-from bench.common import compose, peak_rss_mib, record
+from bench.common import compose, print_result, record, side_result
 
-REPO = Path(__file__).resolve().parents[1]
 LR, BETA, LORA = 1e-3, 0.1, {"r": 16, "alpha": 32.0, "dropout": 0.0, "target_modules": "all-linear"}
 
 
@@ -46,6 +41,19 @@ def setup(pairs: int):
         tokenizer, m.hidden_size, m.num_layers, m.num_heads, m.intermediate_size, m.max_position_embeddings, seed=0
     )
     return world, tokenizer, model, views.preferences(world, pairs, seed=0)
+
+
+def lora_config():
+    """`LORA` as peft's config, for TRL's side."""
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=LORA["r"],
+        lora_alpha=LORA["alpha"],
+        lora_dropout=LORA["dropout"],
+        target_modules=LORA["target_modules"],
+        task_type="CAUSAL_LM",
+    )
 
 
 def count_tokens(records, tokenizer) -> int:
@@ -82,7 +90,6 @@ def ours(pairs: int, batch_size: int) -> dict:
 
 def trl_baseline(pairs: int, batch_size: int) -> dict:
     from datasets import Dataset
-    from peft import LoraConfig
     from trl import DPOConfig, DPOTrainer
 
     world, tokenizer, model, records = setup(pairs)
@@ -108,37 +115,16 @@ def trl_baseline(pairs: int, batch_size: int) -> dict:
         disable_tqdm=True,
         max_grad_norm=1.0,
     )
-    lora = LoraConfig(
-        r=LORA["r"],
-        lora_alpha=LORA["alpha"],
-        lora_dropout=LORA["dropout"],
-        target_modules=LORA["target_modules"],
-        task_type="CAUSAL_LM",
-    )
     start = time.perf_counter()
     trainer = DPOTrainer(
-        model=model, args=args, train_dataset=Dataset.from_dict(rows), processing_class=tokenizer, peft_config=lora
+        model=model,
+        args=args,
+        train_dataset=Dataset.from_dict(rows),
+        processing_class=tokenizer,
+        peft_config=lora_config(),
     )
     trainer.train()
     return {"seconds": time.perf_counter() - start, "tokens": count_tokens(records, tokenizer)}
-
-
-def child(side: str, pairs: int, batch_size: int) -> None:
-    result = (ours if side == "ours" else trl_baseline)(pairs, batch_size)
-    print("RESULT " + json.dumps({**result, "peak_rss_mib": peak_rss_mib()}))
-
-
-def measure(side: str, pairs: int, batch_size: int) -> dict:
-    proc = subprocess.run(
-        [sys.executable, "-m", "bench.dpo", "--side", side, "--pairs", str(pairs), "--batch-size", str(batch_size)],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-    )
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-    if proc.returncode or not lines:
-        raise RuntimeError(f"{side} failed:\n{proc.stderr[-3000:]}")
-    return json.loads(lines[-1].removeprefix("RESULT "))
 
 
 def main() -> None:
@@ -149,11 +135,13 @@ def main() -> None:
     parser.add_argument("--side", choices=("ours", "trl"), help="run one side in this process (the children)")
     a = parser.parse_args()
     if a.side:
-        return child(a.side, a.pairs, a.batch_size)
+        return print_result((ours if a.side == "ours" else trl_baseline)(a.pairs, a.batch_size))
     runs = {"ours": [], "trl": []}
     for repeat in range(a.repeats):
         for side in ("ours", "trl") if repeat % 2 == 0 else ("trl", "ours"):
-            runs[side].append(measure(side, a.pairs, a.batch_size))
+            runs[side].append(
+                side_result("bench.dpo", side, "--pairs", str(a.pairs), "--batch-size", str(a.batch_size))
+            )
     mine, theirs = (
         {key: statistics.median(run[key] for run in runs[side]) for key in runs[side][0]} for side in ("ours", "trl")
     )

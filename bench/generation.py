@@ -5,11 +5,9 @@ Target: ≥ 5× prompts/s, with identical responses verified prompt by prompt.
 
 from __future__ import annotations
 
-import time
-
 import torch
 
-from bench.common import median_time, peak_rss_of, quickstart_base, record
+from bench.common import median_time, peak_rss_of, quickstart_base, record, timed
 from safety_lab.eval.generate import generate
 from safety_lab.worlds.synthetic import views
 
@@ -35,9 +33,7 @@ def main() -> None:
     prompts = [p.prompt for suite in suites for p in suite]
     new = stages.world.spec.max_len + 2
     batched, batched_rss = peak_rss_of(lambda: generate(model, tokenizer, prompts, new, batch_size=256, progress=False))
-    start = time.perf_counter()
-    baseline, loop_rss = peak_rss_of(lambda: one_by_one(model, tokenizer, prompts, new))
-    loop_seconds = time.perf_counter() - start
+    baseline, loop_seconds, loop_rss = timed(lambda: one_by_one(model, tokenizer, prompts, new))
     mismatches = sum(a != b for a, b in zip(batched, baseline))
     if mismatches:
         raise SystemExit(f"batched generation differs from the per-prompt loop on {mismatches} prompts")

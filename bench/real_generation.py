@@ -24,11 +24,10 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 
 import torch
 
-from bench.common import compose, peak_rss_of, record
+from bench.common import compose, record, timed
 from safety_lab.eval.generate import generate
 from safety_lab.sources import load_suites
 from safety_lab.stages import Stages
@@ -42,13 +41,6 @@ def chat_prompts(stages: Stages, tokenizer, n: int) -> list[str]:
     share = -(-n // len(suites))
     probes = [p for suite in suites for p in suite[:share]][:n]
     return [stages.template.render(tokenizer, p.prompt) for p in probes]
-
-
-def timed(fn) -> tuple[list[str], float, float]:
-    """(fn()'s responses, its seconds, its peak RSS in MiB)."""
-    start = time.perf_counter()
-    responses, rss = peak_rss_of(fn)
-    return responses, time.perf_counter() - start, rss
 
 
 def main() -> None:

@@ -38,16 +38,13 @@ import argparse
 import json
 import random
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-from bench.common import compose, peak_rss_mib, record
-from bench.dpo import LORA
+from bench.common import REPO, compose, print_result, record, side_result
+from bench.dpo import LORA, lora_config
 
-REPO = Path(__file__).resolve().parents[1]
 MODEL = "SmolLM2-135M-Instruct"
 LR, BETA, MAX_LENGTH, SEED = 5e-4, 0.1, 512, 0
 SIDES = ("dpo_ours", "dpo_trl", "dpo_trl_fast", "sft_ours", "sft_trl", "full")
@@ -160,18 +157,6 @@ def trl_common(batch_size: int) -> dict:
         "disable_tqdm": True,
         "seed": SEED,
     }
-
-
-def lora_config():
-    from peft import LoraConfig
-
-    return LoraConfig(
-        r=LORA["r"],
-        lora_alpha=LORA["alpha"],
-        lora_dropout=LORA["dropout"],
-        target_modules=LORA["target_modules"],
-        task_type="CAUSAL_LM",
-    )
 
 
 def dpo_trl(base, template, pairs, batch_size: int, fast: bool) -> dict:
@@ -289,17 +274,12 @@ def child(side: str, a) -> None:
             base, template, pairs, a.batch_size
         )
     tokens = count_tokens(pairs, base.tokenizer, template, sft=side.startswith("sft"))
-    print("RESULT " + json.dumps({**result, "tokens": tokens, "source": source, "peak_rss_mib": peak_rss_mib()}))
+    print_result({**result, "tokens": tokens, "source": source})
 
 
 def measure(side: str, a) -> dict:
-    command = [sys.executable, "-m", "bench.real_train", "--side", side, "--pairs", str(a.pairs)]
-    command += ["--batch-size", str(a.batch_size), "--full-steps", str(a.full_steps)]
-    proc = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-    if proc.returncode or not lines:
-        raise SystemExit(f"{side} failed:\n{proc.stderr[-3000:]}")
-    result = json.loads(lines[-1].removeprefix("RESULT "))
+    sizes = ("--pairs", str(a.pairs), "--batch-size", str(a.batch_size), "--full-steps", str(a.full_steps))
+    result = side_result("bench.real_train", side, *sizes)
     print(f"{side}: {result['seconds']:.1f} s, peak RSS {result['peak_rss_mib']:.0f} MiB", flush=True)
     return result
 

@@ -402,14 +402,15 @@ def check_choices(overrides: list[str], conf: Path = CONF) -> None:
         if group.startswith("hydra") or not (conf / group).is_dir() or not re.fullmatch(r"[\w./-]+(,[\w./-]+)*", value):
             continue
         for name in value.split(","):
-            folder = name.rpartition("/")[0]
-            where = conf / group / folder if (conf / group / folder).is_dir() else conf / group
+            if name == "null" or (conf / group / f"{name}.yaml").is_file():
+                continue
+            folder = conf / group / name.rpartition("/")[0]
+            where = folder if folder.is_dir() else conf / group
             listed = [p for p in where.iterdir() if p.is_dir() or p.suffix == ".yaml"]
             options = sorted(f"{p.name}/" if p.is_dir() else p.stem for p in listed)
-            if name != "null" and not (conf / group / f"{name}.yaml").is_file():
-                raise SafetyLabError(
-                    f"{key}={name}: no such option; {where.relative_to(conf.parent)}/ has {', '.join(options)}"
-                )
+            raise SafetyLabError(
+                f"{key}={name}: no such option; {where.relative_to(conf.parent)}/ has {', '.join(options)}"
+            )
 
 
 def check_overrides(overrides: list[str], conf: Path = CONF) -> None:

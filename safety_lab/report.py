@@ -41,6 +41,7 @@ from pathlib import Path
 import yaml
 from hydra.experimental.callback import Callback
 
+from safety_lab.config import FinetuneAttackConfig
 from safety_lab.errors import SafetyLabError
 from safety_lab.rejudge import agreement, kappa_text
 
@@ -56,13 +57,15 @@ CI = ("_ci_low", "_ci_high")  # suffixes of a metric's 95% interval bounds
 SEED_COLUMNS = [WEIGHT, "overrides", "jobs", "failed", "metric", "n", "mean", "std", "min", "max"]
 JUDGE_COLUMNS = ["job", "model", "suite", "verdict", "n", "judge_a", "rate_a", "judge_b", "rate_b", "kappa"]
 # the harmful fine-tuning grid (task=defend): rows, columns, and each cell's metrics with their heatmap colours: a
-# role of the attack's `metrics` (config.FinetuneAttackConfig: the job's metrics.json key) and its default key
+# role of the attack's `metrics` (config.FinetuneAttackConfig: role -> the job's metrics.json key); GRID_KEYS, the
+# defaults, serve a job whose config names none
 GRID_AXES = ("defense", "attack")
 GRID = (
-    ("harmful score", "harmful", "harmful/compliance_rate", "Reds"),
-    ("fine-tune accuracy", "accuracy", "utility/accuracy", "Greens"),
-    ("over-refusal", "over_refusal", "borderline/refusal_rate", "Oranges"),
+    ("harmful score", "harmful", "Reds"),
+    ("fine-tune accuracy", "accuracy", "Greens"),
+    ("over-refusal", "over_refusal", "Oranges"),
 )
+GRID_KEYS = FinetuneAttackConfig().metrics
 GRID_COLUMNS = [*GRID_AXES, "jobs", "failed", "metric", "n", "mean", "std", "min", "max"]
 
 
@@ -450,7 +453,7 @@ def grid_cells(rows: list[dict]) -> dict[tuple[str, str], dict]:
     for cell in sorted(groups, key=lambda cell: cell[0] != "none"):
         ok = [r for r in groups[cell] if r["status"] == "ok"]
         given = groups[cell][0].get("grid") or {}
-        keys = {role: given.get(role, key) for _, role, key, _ in GRID}
+        keys = {role: given.get(role, GRID_KEYS[role]) for _, role, _ in GRID}
         cells[cell] = {
             "jobs": len(groups[cell]),
             "failed": len(groups[cell]) - len(ok),
@@ -473,7 +476,7 @@ def _grid_text(cell: dict | None, metrics: tuple = GRID, sep: str = " / ") -> st
         return ""
     if cell["failed"] == cell["jobs"]:
         return f"FAILED ({cell['jobs']} of {cell['jobs']})"
-    keys = [cell["keys"][role] for _, role, _, _ in metrics]
+    keys = [cell["keys"][role] for _, role, _ in metrics]
     text = sep.join(_mean_std(cell["stats"][key]) if key in cell["stats"] else "–" for key in keys)
     return text + (f"{sep}(failed {cell['failed']} of {cell['jobs']})" if cell["failed"] else "")
 
@@ -500,7 +503,7 @@ def _grid_figure(cells: dict, defenses: list[str], attacks: list[str], path: Pat
         constrained_layout=True,
     )
     for ax, metric in zip(axes, GRID):
-        title, role, _, colours = metric
+        title, role, colours = metric
         means = np.array([[_grid_mean(cells.get((d, a)), role) for a in attacks] for d in defenses])
         image = ax.imshow(means, cmap=matplotlib.colormaps[colours].with_extremes(bad="lightgrey"), vmin=0, vmax=1)
         for i, d in enumerate(defenses):
@@ -532,7 +535,7 @@ def write_grid(rows: list[dict], folder: Path) -> list[Path]:
     failures = [f"- `defense={d} attack={a}`: {error}" for (d, a), c in cells.items() for error in c["errors"]]
     keys = {
         role: " or ".join(f"`{k}`" for k in dict.fromkeys(c["keys"][role] for c in cells.values()))
-        for _, role, _, _ in GRID
+        for _, role, _ in GRID
     }
     lines = [
         f"Harmful fine-tuning grid. Each cell: harmful score ({keys['harmful']}) / fine-tune accuracy "

@@ -30,7 +30,8 @@ from safety_lab.data.records import Preference, UnpairedPreference
 from safety_lab.errors import SafetyLabError
 from safety_lab.methods import method, training_records
 from safety_lab.methods.losses import kto_loss, kto_reference_point
-from safety_lab.methods.pairs import Objective, PairMethod, fit_pairs, pair_data, policy_and_reference
+from safety_lab.methods.packing import packed_if
+from safety_lab.methods.pairs import Objective, PairMethod, fit_pairs, policy_and_reference
 
 log = logging.getLogger(__name__)
 
@@ -110,8 +111,8 @@ class KTO(PairMethod):
         if advice := weight_advice(desirable, len(rows) - desirable, cfg.desirable_weight, cfg.undesirable_weight):
             log.warning(advice)
         partners = kl_partners(rows)
-        data = pair_data(
-            stages,
+        data = packed_if(
+            stages.cfg,
             TokenizedPreferences(
                 [Preference(row.prompt, row.completion, rows[j].completion) for row, j in zip(rows, partners)],
                 base.tokenizer,

@@ -66,11 +66,6 @@ def preference_data(stages: Stages, base: Model, method_cfg, dataset_cfg) -> Tok
     return TokenizedPreferences(pairs, base.tokenizer, stages.template, stages.cfg.model.max_length)
 
 
-def pair_data(stages: Stages, data: TokenizedPreferences):
-    """Preference batches as the pair methods train on them: packed when `model.packing` is on."""
-    return packed_if(stages.cfg, data)
-
-
 def check_logp_settings(cfg) -> None:
     if cfg.logp == "fixed" and not cfg.fixed_length:
         raise SafetyLabError("method.logp=fixed needs method.fixed_length (Jain et al.: 159)")
@@ -182,6 +177,6 @@ class PairMethod(Method):
 
     def train(self, stages, base, method_cfg, dataset_cfg):
         objective = self.objective(method_cfg)
-        data = pair_data(stages, preference_data(stages, base, method_cfg, dataset_cfg))
+        data = packed_if(stages.cfg, preference_data(stages, base, method_cfg, dataset_cfg))
         policy, reference = policy_and_reference(stages, base.model, method_cfg, data, self.needs_reference(method_cfg))
         return policy, fit_pairs(stages, self.name, policy, objective, reference, data, method_cfg)
