@@ -288,13 +288,19 @@ class Stages:
             logger.experiment.finish()  # one W&B run per stage
         return {k: float(v) for k, v in trainer.callback_metrics.items()} | kept
 
+    def stage_id(self, base_id: str, method_cfg, dataset_cfg) -> str:
+        """The id (`<kind>/<hash>`) `apply` gives the stage on the model of id `base_id`, found without loading or
+        building anything."""
+        kind = build_method(method_cfg.name).kind(method_cfg)
+        return entry_id(self.store.path(kind, self.recipe(kind, base=base_id, method=method_cfg, dataset=dataset_cfg)))
+
     def apply(self, base: Model, method_cfg, dataset_cfg) -> Model:
         """`base` with the stage (method_cfg on dataset_cfg) applied: trained on first use, loaded from the store
         afterwards. A LoRA stage returns `base.model` with the adapter attached (`.unload()` hands it back)."""
         method = build_method(method_cfg.name)
         trained = {}
         kind, inputs = method.kind(method_cfg), {"base": base.id, "method": method_cfg, "dataset": dataset_cfg}
-        entry = entry_id(self.store.path(kind, self.recipe(kind, **inputs)))
+        entry = self.stage_id(base.id, method_cfg, dataset_cfg)
 
         def build(folder: Path) -> dict:
             # every random draw of the stage (adapter initialisation, masks, data order, dropout) from its seed,
@@ -318,23 +324,31 @@ class Stages:
         """The run's base: a hub/local model as it is, or the synthetic base from its recipe; then its alignment
         stage, if any, merged in: `align` ({method, dataset}), else the run's `align` (`align=False`: none)."""
         m = self.cfg.model
+        where, base_id = self.base_source()
         if m.kind == ModelKind.hf:
-            if m.gguf_file:  # dequantised once into the store, then loaded as plain safetensors
-                folder = dequantise_gguf(self.store, m.path, m.gguf_file)
-                base = Model(*load_pretrained(folder, m.dtype, quantization=m.quantization), entry_id(folder))
-            else:
-                base = Model(
-                    *load_pretrained(m.path, m.dtype, quantization=m.quantization, allow_pickle=m.allow_pickle),
-                    str(m.path),
-                )
+            base = Model(
+                *load_pretrained(where, m.dtype, quantization=m.quantization, allow_pickle=m.allow_pickle), base_id
+            )
         else:
-            folder = self.get_or_build("base", self.pretrain)
-            base = Model(*load_pretrained(folder), entry_id(folder))
+            base = Model(*load_pretrained(where), base_id)
         align = self.cfg.get("align") if align is None else align
         if align:
             aligned = self.apply(base, align.method, align.dataset)
             base = Model(merged(aligned.model), base.tokenizer, aligned.id)
         return base
+
+    def base_source(self) -> tuple[str | Path, str]:
+        """(where the run's base before its alignment loads from, its id) without loading it: a hub/local model's
+        path, else its store entry (the synthetic base pretrained, or a GGUF file dequantised into plain safetensors,
+        on first use)."""
+        m = self.cfg.model
+        if m.kind != ModelKind.hf:
+            folder = self.get_or_build("base", self.pretrain)
+        elif m.gguf_file:
+            folder = dequantise_gguf(self.store, m.path, m.gguf_file)
+        else:
+            return m.path, str(m.path)
+        return folder, entry_id(folder)
 
     def pretrain(self, folder: Path) -> dict:
         """Build the synthetic base into `folder`: a fresh tiny Llama trained on the world's `pretrain` view."""

@@ -5,12 +5,15 @@ from the store by recipe; SFT trains on the chosen sides and DPO on the pairs, e
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 from helpers import entries, run_safety_lab
 from omegaconf import OmegaConf
 from test_config import compose_resolved
 
+from safety_lab import stages as stages_module
+from safety_lab.config import plain
 from safety_lab.errors import SafetyLabError
 from safety_lab.eval.generate import generate
 from safety_lab.eval.judges import build_judge
@@ -88,6 +91,35 @@ def test_pairs_are_the_models_own_answers_filtered_by_the_judge_and_reused(tmp_p
     again = Stages(stages.cfg).examples(cfg, base)  # from the store: a new entry only for another model or data
     assert again == pairs and sorted((store / "pairs").iterdir()) == built
     assert [e.response for e in chosen_examples(pairs)] == [p.chosen for p in pairs]
+
+
+def test_stored_pairs_are_found_by_the_models_ids_without_loading_them(tmp_path, store, prompt_files, monkeypatch):
+    stages = stages_for(tmp_path, store)
+    base = stages.base()
+    policy = {"method": plain(stages.cfg.method), "dataset": plain(stages.cfg.dataset)}  # 2 steps of SFT
+    root = OmegaConf.create({"policy": policy, "dataset": dataset(*prompt_files, policy="${policy}")})
+    pairs, own = stages.examples(root.dataset, base), stages.examples(dataset(*prompt_files), base)
+    adapter = store / stages.stage_id(base.id, root.policy.method, root.policy.dataset)
+    shutil.rmtree(adapter)  # the policy stage is gone; its id still names its pairs
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("no model is loaded when the pairs are stored")
+
+    monkeypatch.setattr(stages_module, "load_pretrained", refuse)
+    assert stages.examples(root.dataset, base) == pairs and not adapter.exists()  # not trained again
+    view = OmegaConf.create({"source": "onpolicy", "n": 3, "args": {"pairs": dataset(*prompt_files)}})
+    assert stages.examples(view, base) == own[:3]  # the run's base not loaded for a view of its stored pairs
+
+
+def test_a_view_short_of_pairs_names_its_place_in_the_config(tmp_path, store, prompt_files):
+    stages = stages_for(tmp_path, store)
+    base = stages.base()
+    mix = {"source": "onpolicy", "view": "harmful_mix", "n": 10, "seed": 0}
+    mix["args"] = {"pairs": dataset(*prompt_files), "harmful_fraction": 0.5}
+    root = OmegaConf.create({"attack": {"dataset": mix}, "defense": {"harmful": "${attack.dataset}"}})
+    for node in (root.attack.dataset, root.defense.harmful):  # an interpolation: its target's place
+        with pytest.raises(SafetyLabError, match=r"^attack\.dataset\.n=10: harmful_mix at harmful_fraction 0\.5"):
+            stages.examples(node, base)
 
 
 def test_bad_onpolicy_settings_fail_with_one_line(tmp_path, store, prompt_files):
