@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -16,7 +17,7 @@ from safety_lab.data.collate import TokenizedExamples, TokenizedPreferences
 from safety_lab.data.records import Example, Preference
 from safety_lab.data.template import PromptTemplate
 from safety_lab.errors import SafetyLabError
-from safety_lab.methods import packing
+from safety_lab.methods import build_method, packing
 from safety_lab.methods.dpo import dpo_objective
 from safety_lab.methods.losses import sequence_logps
 from safety_lab.methods.packing import Packed, pack, packed_if, packed_logps
@@ -167,3 +168,14 @@ def test_packing_refuses_more_than_one_process_in_one_line():
     )
     cfg.model.packing = False
     assert packed_if(cfg, []) == []
+
+
+@pytest.mark.parametrize("name", ["mask_dpo", "rmu", "vaccine", "booster", "repnoise"])
+def test_methods_that_do_not_pack_refuse_packing_in_one_line(name):
+    stages = SimpleNamespace(cfg=OmegaConf.create({"model": {"packing": True}}))  # refused before anything loads
+    with pytest.raises(SafetyLabError) as error:
+        build_method(name).train(stages, None, None, None)
+    assert str(error.value) == (
+        f"model.packing=true: method={name} does not pack its batches (SFT's and the preference methods' do); set "
+        "model.packing=false"
+    )

@@ -35,6 +35,7 @@ from safety_lab.data.records import Example, Preference
 from safety_lab.errors import SafetyLabError
 from safety_lab.methods import Method, method, training_records
 from safety_lab.methods.losses import token_cross_entropy
+from safety_lab.methods.packing import refuse_packing
 from safety_lab.methods.pairs import disable_dropout
 from safety_lab.methods.sft import SFTModule, optimiser_settings, sft_data
 from safety_lab.models.lora import trainable
@@ -265,6 +266,7 @@ class AlignmentDefense(Method):
     harmful: bool = True
 
     def train(self, stages, base, cfg, dataset_cfg):
+        refuse_packing(stages.cfg, self.name)
         data = sft_data(stages, base, cfg, dataset_cfg)
         if self.harmful:
             data = WithHarmful(data, harmful_data(stages, base, cfg))

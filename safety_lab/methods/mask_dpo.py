@@ -27,7 +27,7 @@ from safety_lab.fusion.merges import MERGES, FusionInput
 from safety_lab.fusion.task_vectors import lora_factors, lora_task_vector
 from safety_lab.methods import Method, method
 from safety_lab.methods.dpo import dpo_objective
-from safety_lab.methods.packing import batch_logps
+from safety_lab.methods.packing import batch_logps, refuse_packing
 from safety_lab.methods.pairs import disable_dropout, fit_pairs, preference_data, reference_logps, weights_hash
 
 log = logging.getLogger(__name__)
@@ -143,6 +143,7 @@ class MaskDPO(Method):
         return "model"  # the realigned model for one export; the mask itself is its own `mask` artifact
 
     def train(self, stages, base, cfg, dataset_cfg):
+        refuse_packing(stages.cfg, self.name)
         objective = dpo_objective(cfg)
         taus, task_ids = task_vectors(stages, base, cfg)
         model = base.model

@@ -170,3 +170,13 @@ def packed_if(cfg, data):
             f"{strategy.devices * strategy.num_nodes}: use strategy=single or model.packing=false"
         )
     return Packed(data)
+
+
+def refuse_packing(cfg, method: str) -> None:
+    """One line when the run says `model.packing=true` to a method whose batches are never packed, which would
+    otherwise train unpacked without a word."""
+    if cfg.model.get("packing", False):
+        raise SafetyLabError(
+            f"model.packing=true: method={method} does not pack its batches (SFT's and the preference methods' "
+            "do); set model.packing=false"
+        )

@@ -24,6 +24,7 @@ from safety_lab.data.collate import IGNORE
 from safety_lab.errors import SafetyLabError
 from safety_lab.methods import Method, method
 from safety_lab.methods.losses import masked_mse, rmu_control_vector, rmu_loss
+from safety_lab.methods.packing import refuse_packing
 from safety_lab.methods.pairs import disable_dropout, preference_data
 from safety_lab.methods.sft import SFTModule
 from safety_lab.models.lora import trainable
@@ -103,6 +104,7 @@ class RMUModule(L.LightningModule):
 @method("rmu")
 class RMU(Method):
     def train(self, stages, base, cfg, dataset_cfg):
+        refuse_packing(stages.cfg, self.name)
         data = preference_data(stages, base, cfg, dataset_cfg)
         copied = None if cfg.lora else copy.deepcopy(base.model).requires_grad_(False).eval()
         policy = trainable(base.model, plain(cfg.lora))
