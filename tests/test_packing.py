@@ -139,8 +139,11 @@ def test_a_packed_sft_step_has_the_padded_step_s_loss_and_gradients(tiny, monkey
     examples = [Example(p.prompt, p.chosen) for p in pairs()]
     data = TokenizedExamples(examples, tokenizer, PromptTemplate("chat"), max_length=64)
     module = SFTModule(copy.deepcopy(model), lr=1e-3)
-    module.log = lambda *a, **k: None
-    assert_same_step(module, data, [data[i] for i in range(len(data))])
+    logged = []  # the batch size train/loss is logged with, which weighs it in the epoch's mean
+    module.log = lambda name, value, **k: logged.append(k["batch_size"])
+    rows = [data[i] for i in range(len(data))]
+    assert_same_step(module, data, rows)
+    assert Packed(data).collate(rows)["input_ids"].shape[0] < len(rows) and logged == [6, 6]  # sequences, not rows
 
 
 def test_packed_runs_train_dpo_sft_and_kto_end_to_end(tmp_path):

@@ -18,6 +18,7 @@ from safety_lab.data.batching import GlobalBatchSampler, MicroBatches, loss_unit
 from safety_lab.errors import SafetyLabError
 from safety_lab.methods import method
 from safety_lab.methods.losses import l2_penalty
+from safety_lab.methods.packing import sequences
 from safety_lab.methods.sft import SFT, SFTModule, optimiser_settings, sft_data
 
 
@@ -74,7 +75,7 @@ class LisaModule(SFTModule):
         loss = super().training_step(batch, batch_idx)
         if step > self.proximal_warmup * self.trainer.estimated_stepping_batches:
             loss = loss + l2_penalty(self.trained(), self.rho, self.anchor)
-        self.log("train/aligning", float(aligning), batch_size=batch["input_ids"].shape[0])
+        self.log("train/aligning", float(aligning), batch_size=sequences(batch))
         return loss
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:

@@ -126,6 +126,12 @@ def packed_logps(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     return summed, torch.bincount(sequence, minlength=batch["sequences"])
 
 
+def sequences(batch: dict) -> int:
+    """How many sequences a padded or packed batch holds (a packed row holds several): the `batch_size` its logged
+    values are weighed by in an epoch's mean."""
+    return batch["sequences"] if "targets" in batch else batch["input_ids"].shape[0]
+
+
 def batch_logps(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     """(summed log-probability of each sequence's labelled tokens, how many there are) of a padded or packed batch."""
     if "targets" in batch:

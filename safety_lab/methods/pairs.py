@@ -27,7 +27,7 @@ from safety_lab.data.collate import TokenizedPreferences
 from safety_lab.data.records import Preference
 from safety_lab.errors import SafetyLabError
 from safety_lab.methods import Method, training_records
-from safety_lab.methods.packing import batch_logps, packed_if
+from safety_lab.methods.packing import Packed, batch_logps, packed_if
 from safety_lab.methods.sft import SFTModule
 from safety_lab.models.factory import eval_mode
 from safety_lab.models.lora import trainable
@@ -77,10 +77,10 @@ def check_logp_settings(cfg) -> None:
 
 @torch.no_grad()
 def reference_logps(
-    stages: Stages, score: Score, data: TokenizedPreferences, weights_id: str, batch_size: int
+    stages: Stages, score: Score, data: TokenizedPreferences | Packed, weights_id: str, batch_size: int
 ) -> dict[str, torch.Tensor]:
     """{"logps": [N, 2] summed log-probs of (chosen, rejected), "counts": [N, 2] their token counts} under the
-    reference's `score(batch)`, from the store when it has them."""
+    reference's `score(batch)` (`data` padded or packed: the same numbers), from the store when it has them."""
 
     def build(folder):  # pairs in order of length, so batches carry little padding; results go back by index
         by_length = sorted(range(len(data)), key=data.length)

@@ -18,7 +18,7 @@ from safety_lab.data.collate import IGNORE, TokenizedExamples
 from safety_lab.data.records import Example, Preference
 from safety_lab.methods import Method, method, training_records
 from safety_lab.methods.losses import token_cross_entropy
-from safety_lab.methods.packing import packed_if, packed_logps
+from safety_lab.methods.packing import packed_if, packed_logps, sequences
 from safety_lab.models.lora import trainable
 from safety_lab.models.sharding import shard
 
@@ -58,7 +58,7 @@ class SFTModule(L.LightningModule):
             logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
             summed = token_cross_entropy(logits, batch["labels"], reduction="sum")
             tokens = (batch["labels"][:, 1:] != IGNORE).sum().clamp(min=1)
-        self.log("train/loss", summed / tokens, prog_bar=True, batch_size=batch["input_ids"].shape[0])
+        self.log("train/loss", summed / tokens, prog_bar=True, batch_size=sequences(batch))
         # the global batch's per-token mean once accumulated and averaged over ranks (data/batching.py)
         return summed / batch.get("loss_normalizer", tokens)
 

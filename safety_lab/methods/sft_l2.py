@@ -15,6 +15,7 @@ from peft.tuners.lora import LoraLayer
 
 from safety_lab.methods import method
 from safety_lab.methods.losses import l2_penalty
+from safety_lab.methods.packing import sequences
 from safety_lab.methods.sft import SFT, SFTModule, optimiser_settings
 
 
@@ -36,7 +37,7 @@ class SFTL2Module(SFTModule):
     def training_step(self, batch, batch_idx):
         tensors, anchors = self.distance()
         penalty = l2_penalty(tensors, self.l2_weight, anchors)
-        self.log("train/l2_penalty", penalty.detach(), batch_size=batch["input_ids"].shape[0])
+        self.log("train/l2_penalty", penalty.detach(), batch_size=sequences(batch))
         # added to every micro-batch: Lightning's division by the accumulation and the ranks' average leave it once
         return super().training_step(batch, batch_idx) + penalty
 
