@@ -106,15 +106,15 @@ def tiny():
 
 def test_activations_are_taken_at_each_prompts_own_last_token(tiny):
     model, tokenizer = tiny
-    acts, logits = activations(model, tokenizer, PromptTemplate(), PROMPTS, batch_size=2)
+    acts, logits = activations(model, tokenizer, PromptTemplate(), PROMPTS, batch_size=2, inputs=("gate_proj",))
     assert acts["mlp_hidden"].shape == (2, 3, 64) and acts["resid"].shape == (2, 3, 32)
     for i, prompt in enumerate(PROMPTS):  # one prompt alone, no padding, last position
-        alone, alone_logits = activations(model, tokenizer, PromptTemplate(), [prompt])
+        alone, alone_logits = activations(model, tokenizer, PromptTemplate(), [prompt], inputs=("gate_proj",))
         for site in acts:
             assert torch.allclose(acts[site][:, i], alone[site][:, 0], atol=1e-5)
         assert torch.allclose(logits[i], alone_logits[0], atol=1e-4)
     layer = model.model.layers[1].mlp  # the hidden activation is act(gate)·up of the recorded MLP input
-    x = acts["mlp_in"][1]
+    x = acts["gate_proj"][1]
     assert torch.allclose(acts["mlp_hidden"][1], layer.act_fn(layer.gate_proj(x)) * layer.up_proj(x), atol=1e-5)
 
 

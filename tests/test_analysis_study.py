@@ -15,7 +15,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from safety_lab.analysis.study import ANALYSES, Study, findings
+from safety_lab.analysis.study import ANALYSES, Study, check_analysis, findings
 from safety_lab.config import AnalysisConfig
 from safety_lab.data.template import PromptTemplate
 from safety_lab.errors import SafetyLabError
@@ -169,9 +169,14 @@ def test_study_writes_each_chosen_analysis_and_compares_tuned_weights_with_the_b
 
 
 def test_study_runs_only_the_chosen_analyses_and_rejects_unknown_ones(synthetic, tmp_path):
-    _, _, model, _ = synthetic
+    _, _, model, suites = synthetic
     study = _study(synthetic, tmp_path, analyses=["activation_space"])
+    recorded = []  # the projections whose inputs are recorded: the row space's, not run here
+    study.activations = lambda model, prompts, inputs: (
+        recorded.append(inputs) or Study.activations(study, model, prompts)
+    )
     study.run({"base": model}, _assess(synthetic))
+    assert recorded == [()]
     assert sorted(p.name for p in tmp_path.iterdir()) == [
         "activation_space.json",
         "activation_space.png",
@@ -181,7 +186,7 @@ def test_study_runs_only_the_chosen_analyses_and_rejects_unknown_ones(synthetic,
         "jailbreak.png",
     ]
     with pytest.raises(SafetyLabError, match="analysis.analyses: 'probes' is not one of"):
-        _study(synthetic, tmp_path, analyses=["probes"])
+        check_analysis(_analysis(analyses=["probes"]), suites)
 
 
 def test_ranks_above_zero_leave_the_analyses_to_rank_zero(synthetic, tmp_path, monkeypatch):

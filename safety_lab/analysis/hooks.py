@@ -1,9 +1,9 @@
 """Reading and steering a Llama-style causal LM's internals with forward hooks.
 
-`activations` records, per decoder layer, the residual stream entering the layer, the MLP input (what the
-gate/up projections see), the MLP hidden activation act(gate)·up (what `down_proj` sees) and, on request, the input
-of any named projection (`q_proj` … `down_proj`), at the first output position of each prompt: the position whose
-next-token prediction is the answer, or the refusal. `steer` ablates a
+`activations` records, per decoder layer, the residual stream entering the layer (the refusal direction's), the
+MLP hidden activation act(gate)·up (what `down_proj` sees: the activation space's) and, on request, the input of any
+named projection (`q_proj` … `down_proj`: the row space's), at the first output position of each prompt: the
+position whose next-token prediction is the answer, or the refusal. `steer` ablates a
 direction from the whole residual stream (Arditi et al.) or adds it at one layer's input, for as long as the
 context is open, so generation and scoring under an intervention reuse the ordinary code.
 """
@@ -20,7 +20,7 @@ from safety_lab.data.template import PromptTemplate
 from safety_lab.errors import SafetyLabError
 from safety_lab.models.factory import eval_mode
 
-SITES = ("resid", "mlp_in", "mlp_hidden")
+SITES = ("resid", "mlp_hidden")
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")  # Llama's linear layers
 
 
@@ -74,7 +74,6 @@ def activations(
         for i, layer in enumerate(layers)
         for h in (
             layer.register_forward_pre_hook(recorder("resid", i)),
-            layer.mlp.register_forward_pre_hook(recorder("mlp_in", i)),
             layer.mlp.down_proj.register_forward_pre_hook(recorder("mlp_hidden", i)),
             *(projection(layer, name).register_forward_pre_hook(recorder(name, i)) for name in inputs),
         )

@@ -97,12 +97,11 @@ def check_analysis(a, suites: dict) -> None:
 
 
 class Study:
-    """The analyses of `analysis` (the config node) over models evaluated on `suites`, written into `out`; its
-    settings are checked on construction (`check_analysis`), before any model trains."""
+    """The analyses of `analysis` (the config node, its settings checked by `check_analysis` before anything
+    loads) over models evaluated on `suites`, written into `out`."""
 
     def __init__(self, analysis, template: PromptTemplate, tokenizer, suites: dict, out: Path, seed: int = 0):
         a = analysis
-        check_analysis(a, suites)
         refusal = tokenizer(a.refusal, add_special_tokens=False)["input_ids"]
         if not refusal:
             raise SafetyLabError(f"analysis.refusal={a.refusal!r} tokenizes to nothing")
@@ -149,7 +148,8 @@ class Study:
             results["jailbreak"][tag][f"{self.cfg.unsafe_suite}/refusal_rate"] = columns[tag].get(
                 f"{self.cfg.unsafe_suite}/refusal_rate"
             )
-            acts, _ = self.activations(model, self.prompts, tuple(self.cfg.matrices))
+            inputs = tuple(self.cfg.matrices) if "row_space" in self.chosen else ()  # the row space's only
+            acts, _ = self.activations(model, self.prompts, inputs)
             steerable = partial(steered, model=model, tag=tag)
             subject = Subject(tag, model, models["base"], acts, columns[tag], steerable)
             for name in self.chosen:
