@@ -15,12 +15,12 @@ from conftest import build_tiny_llama, build_tiny_tokenizer
 from helpers import run_safety_lab
 from omegaconf import OmegaConf
 from peft import LoraConfig, get_peft_model
-from test_analysis_study import _assess, _study, build_synthetic
+from test_analysis_study import _analysis, _assess, _study, build_synthetic
 from test_recipes import composed, stage_id
 
 from safety_lab.analysis import geometry as g
 from safety_lab.analysis.hooks import activations, steer
-from safety_lab.analysis.study import findings
+from safety_lab.analysis.study import check_analysis, findings
 from safety_lab.data.io import read_jsonl
 from safety_lab.data.template import PromptTemplate
 from safety_lab.errors import SafetyLabError
@@ -108,7 +108,7 @@ def test_row_and_column_space_read_a_lora_stages_delta_w(synthetic, lora_pair, t
         w_pre = base.model.layers[i].self_attn.get_submodule(proj).weight.detach()
         assert column[key]["relative_change"] == pytest.approx(float(delta.norm() / w_pre.norm()), rel=1e-4)
     with pytest.raises(SafetyLabError, match="analysis.matrices: 'lm_head' is not one of"):
-        _study(synthetic, tmp_path, matrices=["lm_head"])
+        check_analysis(_analysis(matrices=["lm_head"]), suites)
 
 
 def test_the_causal_test_generates_with_the_selected_direction_and_states_its_checks(synthetic, tmp_path):
