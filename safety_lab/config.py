@@ -362,7 +362,7 @@ class DefenseConfig:
 
     name: str = "none"
     stage: DefenseStage = DefenseStage.none
-    n: int = 4000  # examples of the defense's own data (its configs read it as ${defense.n})
+    n: int = 2000  # examples of the defense's own data (its configs read it as ${defense.n})
     method: Any = None
     dataset: Any = None
     fusion: Any = None
@@ -375,7 +375,7 @@ class FinetuneAttackConfig:
     borderline (over-refusal), framed like its data (`prefix`, which the defenses' safety data take too)."""
 
     name: str = "none"
-    n: int = 4000  # examples of the fine-tuning data (its dataset reads ${attack.n})
+    n: int = 2000  # examples of the fine-tuning data (its dataset reads ${attack.n})
     epochs: int = 2  # epochs of the fine-tune (its method reads ${attack.epochs})
     prefix: list[str] = field(default_factory=list)
     method: Any = None
