@@ -10,6 +10,8 @@ new method needs nothing here.
 
 from __future__ import annotations
 
+import copyreg
+import dataclasses
 import math
 import operator
 import re
@@ -162,6 +164,16 @@ def declared(yaml_text: str) -> tuple[dict[str, list[str]], dict[str, Range]]:
             elif comment and (limits := allowed(comment[1])):
                 ranges[where] = limits
     return choices, ranges
+
+
+def _missing() -> Any:
+    return dataclasses.MISSING
+
+
+# A method schema is built at run time, so a parallel launcher (hydra/launcher=joblib) pickles the class by value and,
+# with it, the `dataclasses.MISSING` of each field; unpickled as a fresh object, OmegaConf took it for a value (every
+# job composing mask-DPO failed). Pickled as this reference, the worker gets the sentinel itself.
+copyreg.pickle(type(dataclasses.MISSING), lambda _: (_missing, ()))
 
 
 def method_schema(name: str, settings: dict, choices: dict[str, list[str]], prefix: str = "") -> type:
