@@ -314,6 +314,24 @@ def test_slurm_launcher_config_composes():
     get_class(launcher._target_)  # the plugin is installed
 
 
+def test_method_schemas_survive_the_pickling_of_a_parallel_launcher():
+    """hydra/launcher=joblib pickles Hydra's singletons (the ConfigStore) into each worker; the method schemas, built
+    at run time, travel by value and must compose there as here (mask-DPO's once failed on a stray MISSING)."""
+    import cloudpickle
+    from hydra.core.singleton import Singleton
+
+    def mask_dpo():
+        with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+            return OmegaConf.to_yaml(compose("config", overrides=["method=mask_dpo"]).method)
+
+    here, state = mask_dpo(), Singleton.get_state()
+    try:
+        Singleton.set_state(cloudpickle.loads(cloudpickle.dumps(state)))  # what the worker gets
+        assert mask_dpo() == here
+    finally:
+        Singleton.set_state(state)
+
+
 def test_joblib_multirun_trains_the_shared_base_once(tmp_path):
     """Two parallel jobs (seeds 0 and 1) need the same base: one trains it, the other waits and reuses it."""
     result = cli(
