@@ -505,10 +505,11 @@ def _grid_figure(cells: dict, defenses: list[str], attacks: list[str], path: Pat
     for ax, metric in zip(axes, GRID):
         title, role, colours = metric
         means = np.array([[_grid_mean(cells.get((d, a)), role) for a in attacks] for d in defenses])
-        image = ax.imshow(means, cmap=matplotlib.colormaps[colours].with_extremes(bad="lightgrey"), vmin=0, vmax=1)
+        colour_map = matplotlib.colormaps[colours].with_extremes(bad="lightgrey")
+        image = ax.imshow(means, cmap=colour_map, vmin=0, vmax=1, aspect="auto")
         for i, d in enumerate(defenses):
             for j, a in enumerate(attacks):
-                text = _grid_text(cells.get((d, a)), (metric,), "\n")
+                text = _grid_text(cells.get((d, a)), (metric,), "\n").replace(" ± ", "\n± ")  # a std under its mean
                 ax.text(
                     j, i, text, ha="center", va="center", fontsize=7, color="white" if means[i, j] > 0.6 else "black"
                 )
