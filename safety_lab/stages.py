@@ -178,7 +178,8 @@ class Stages:
         - `base`, the synthetic base (no inputs): the model settings that shape its weights, the world, the training.
         - `ref_logps`: its inputs alone (a data fingerprint and a hash of the reference weights).
         - anything trained on a base (`adapter`, `model`, `mask`): its inputs, the run's seed, prompt template and
-          training settings, and the world when its data is synthetic (a mask's recipe always holds the world).
+          training settings, the world when its data is synthetic (a mask's recipe always holds the world), and on
+          a real model `model.max_length`.
 
         Settings that change no weights (logging, progress bars, checkpoint cadence, compile, thread count) stay out;
         evaluation settings too, except `eval.during_training.keep_best` when set (it picks the published step).
@@ -203,6 +204,8 @@ class Stages:
         }
         if kind != "mask" and (keep_best := keep_best_recipe(self.cfg)):  # absent when off: hashes unchanged
             recipe["keep_best"] = keep_best
+        if self.cfg.model.kind == ModelKind.hf:  # the synthetic base's recipe holds it already
+            recipe["max_length"] = self.cfg.model.max_length  # where training sequences are cut
         return {**recipe, **world} if kind == "mask" or recipe["dataset"].get("source") == "synthetic" else recipe
 
     def get_or_build(self, kind: str, build: Callable[[Path], dict | None], **inputs) -> Path:

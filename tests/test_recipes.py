@@ -51,6 +51,16 @@ def test_quickstart_base_and_adapter(tmp_path):
     assert stage_id(stages, base_id(stages), stages.cfg) == "adapter/6d888c94da0beff3"
 
 
+def test_a_real_models_max_length_names_its_stages(tmp_path):
+    """Training sequences cut at another length make another adapter (the synthetic base's recipe holds the length,
+    so its stages' ids, pinned above, do not change)."""
+    ids = set()
+    for n in (128, 192):
+        stages = composed(tmp_path, "model=hf", "model.path=x", f"model.max_length={n}")
+        ids.add(stage_id(stages, "b", stages.cfg))
+    assert len(ids) == 2
+
+
 def test_lora_fusion_inputs_on_the_aligned_base(tmp_path):
     stages = composed(tmp_path, "+experiment=lora_fusion")
     assert base_id(stages) == "base/1a2042fb96c857e8"
