@@ -97,12 +97,12 @@ def test_hft_grid_smollm2_shares_its_stages(tmp_path):
 @pytest.mark.parametrize(
     "attack, defense, ids",
     [
-        ("p10", "lisa", {"finetune": "adapter/ce69fc1962089539"}),
-        ("p10", "safe_lora", {"fusion.task": "adapter/369295c3cb127ebb", "fusion.safety": "adapter/c61099b75e2901ae"}),
+        ("p10", "lisa", {"finetune": "adapter/1bcd7a68229ef3fc"}),
+        ("p10", "safe_lora", {"fusion.task": "adapter/03c45c424cbc9b1e", "fusion.safety": "adapter/0257be2796634e0a"}),
         ("p10", "lora_fusion", {"fusion.safety": "adapter/671a3bf79ec0911b"}),
-        ("p10", "mask_dpo", {"post": "model/a4f06bb908d9761c"}),
-        ("p10", "antidote", {"post": "adapter/4b9d0e5f83d51724"}),
-        ("p10", "booster", {"align": "adapter/2dede383ba504c03", "finetune": "adapter/0993f74e53c57964"}),
+        ("p10", "mask_dpo", {"post": "model/68c24615ebc2af02"}),
+        ("p10", "antidote", {"post": "adapter/3bf8ad06e18699f4"}),
+        ("p10", "booster", {"align": "adapter/f2fac173aee1603d", "finetune": "adapter/5ebb1cb3f3092350"}),
     ],
 )
 def test_hft_grid_recipes_are_unchanged(tmp_path, attack, defense, ids):
