@@ -65,12 +65,15 @@ COSMETIC = {
 ADDED_LATER = ("label_key", "mix")
 
 
-def recipe_value(node):
+def recipe_value(node, root: str = ""):
     """A recipe input as plain values, without the null or empty settings of ADDED_LATER at any depth (a mask-DPO
-    task's dataset sits inside its method)."""
+    task's dataset sits inside its method), and a path inside the checkout `root` relative to it, so that a store
+    shared by two checkouts (a worktree, a fresh clone) reuses their entries."""
     value = plain(node)
     if isinstance(value, dict):
-        return {k: recipe_value(v) for k, v in value.items() if not (k in ADDED_LATER and v in (None, {}))}
+        return {k: recipe_value(v, root) for k, v in value.items() if not (k in ADDED_LATER and v in (None, {}))}
+    if root and isinstance(value, str) and value.startswith(f"{root}/"):
+        return value.removeprefix(f"{root}/")
     return value
 
 
@@ -164,6 +167,10 @@ class Stages:
         return ArtifactStore(self.cfg.paths.artifacts)
 
     @cached_property
+    def root(self) -> str:  # the checkout, which recipes leave out of the paths inside it
+        return str(self.cfg.paths.root)
+
+    @cached_property
     def world(self) -> World:
         return World(WorldSpec(**plain(self.cfg.world)))
 
@@ -187,7 +194,10 @@ class Stages:
         if kind == "ref_logps":
             return inputs
         if kind == "pairs":  # greedy generations: the model, the data config and the template decide them
-            return {**{k: recipe_value(v) for k, v in inputs.items()}, "template": plain(self.cfg.model.template)}
+            return {
+                **{k: recipe_value(v, self.root) for k, v in inputs.items()},
+                "template": plain(self.cfg.model.template),
+            }
         trainer = {k: v for k, v in plain(self.cfg.trainer).items() if k not in COSMETIC}
         training = {"trainer": trainer, "strategy": plain(self.cfg.strategy)}
         world = {"world": plain(self.cfg.world)}
@@ -197,7 +207,7 @@ class Stages:
                 del model["pretrain"]["args"]
             return {"model": model, **world, **training}
         recipe = {
-            **{k: recipe_value(v) for k, v in inputs.items()},
+            **{k: recipe_value(v, self.root) for k, v in inputs.items()},
             "seed": self.cfg.seed,
             "template": plain(self.cfg.model.template),
             **training,

@@ -96,3 +96,16 @@ def test_mechanistic_full_weight_stage(tmp_path):
 def test_reference_log_probs(tmp_path):
     reference = composed(tmp_path).recipe("ref_logps", data="0123456789abcdef", reference="fedcba9876543210")
     assert recipe_hash(reference) == "bc6765c4793e4e00"
+
+
+def test_a_file_dataset_in_the_checkout_names_its_stage_wherever_the_checkout_is(tmp_path):
+    """The recipe holds a path inside the checkout relative to it: two checkouts (a worktree, a fresh clone) sharing
+    one store reuse each other's entries; a file outside the checkout keeps its absolute path."""
+    ids, recipes = set(), []
+    for root in ("/a/checkout", "/another/one"):
+        stages = composed(tmp_path, "dataset=aoa", f"paths.root={root}", "dataset.path=${paths.root}/data/x.json")
+        ids.add(stage_id(stages, "b", stages.cfg))
+        recipes.append(stages.recipe("adapter", base="b", dataset=stages.cfg.dataset))
+    assert len(ids) == 1 and recipes[0]["dataset"]["path"] == "data/x.json"
+    outside = composed(tmp_path, "dataset=aoa", "paths.root=/a/checkout", "dataset.path=/elsewhere/x.json")
+    assert outside.recipe("adapter", dataset=outside.cfg.dataset)["dataset"]["path"] == "/elsewhere/x.json"
