@@ -88,8 +88,8 @@ def test_hft_grid_smollm2_shares_its_stages(tmp_path):
                 data = []
             if attack.endswith(("p5", "p20")):
                 data.append(cfg.attack.dataset)
-            for node in data:  # every dataset of the cell reads the align stage's pairs entry
-                assert s.recipe("pairs", base=base, dataset=node.args.pairs) == pairs
+            for node in data:  # every dataset of the cell reads the align stage's pairs entry, and has a seed
+                assert s.recipe("pairs", base=base, dataset=node.args.pairs) == pairs and node.seed == 0
     assert attacked["smollm2/benign"] == stage_id(realign, aligned, realign.cfg.method.tasks.aoa)
     assert len(set(attacked.values())) == 3
 
