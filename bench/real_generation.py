@@ -16,6 +16,7 @@ report when any side's responses differ from ours.
 
     .venv/bin/python -m bench.real_generation [--prompts 200] [--new 64] [--pairs 2]
     .venv/bin/python -m bench.real_generation --quick     # 16 prompts, 16 new tokens, one pair, nothing recorded
+    .venv/bin/python -m bench.real_generation --profile --prompts 48   # prefill / decode split, nothing recorded
 
 Needs `make install-real` (the model is dequantised into the store on first use: SAFETY_LAB_STORE or outputs/store).
 """
@@ -49,6 +50,7 @@ def main() -> None:
     parser.add_argument("--new", type=int, default=64, help="new tokens per prompt")
     parser.add_argument("--pairs", type=int, default=2, help="alternating (ours, HF batched) pairs")
     parser.add_argument("--quick", action="store_true", help="16 prompts, 16 new tokens, one pair, nothing recorded")
+    parser.add_argument("--profile", action="store_true", help="each side's prefill / decode split, nothing recorded")
     a = parser.parse_args()
     if a.quick:
         a.prompts, a.new, a.pairs = 16, 16, 1
@@ -58,14 +60,24 @@ def main() -> None:
     prompts = chat_prompts(stages, tokenizer, a.prompts)
     lengths = sorted(len(ids) for ids in tokenizer(prompts, add_special_tokens=False)["input_ids"])
 
-    def run(size: int, levers: bool):
+    def run(size: int, levers: bool, new: int = a.new):
         return lambda: generate(
-            model, tokenizer, prompts, a.new, size, False, False, group_by_length=levers, drop_finished=levers
+            model, tokenizer, prompts, new, size, False, False, group_by_length=levers, drop_finished=levers
         )
 
     sides = {"ours": run(batch_size, True), "hf": run(batch_size, False)}
     for levers in (True, False):  # warm-up of both code paths (first-call allocations), not timed
         generate(model, tokenizer, prompts[:2], 2, 2, False, False, group_by_length=levers, drop_finished=levers)
+    if a.profile:  # one new token is the prefill (and one step); the rest of the time is decoding
+        for name, size, levers in (
+            ("ours", batch_size, True),
+            ("HF batched", batch_size, False),
+            ("one at a time", 1, False),
+        ):
+            prefill, total = (timed(run(size, levers, new))[1] for new in (1, a.new))
+            decode = total - prefill
+            print(f"{name}: {total:.1f} s for {len(prompts)} prompts: prefill {prefill:.1f} s, decode {decode:.1f} s")
+        return
     seconds: dict[str, list[float]] = {"ours": [], "hf": []}
     rss: dict[str, float] = {"ours": 0.0, "hf": 0.0, "loop": 0.0}
     outputs: dict[str, list[str]] = {}

@@ -27,6 +27,7 @@ precomputed ones (per token within 1e-4), and our SFT's labelled tokens against 
 
     .venv/bin/python -m bench.real_train [--pairs 24] [--batch-size 8] [--repeats 3] [--full-steps 6]
     .venv/bin/python -m bench.real_train --quick     # a handful of pairs, one repeat, nothing recorded
+    .venv/bin/python -m bench.real_train --profile   # where the full fine-tuning steps' time goes, by operator
 
 Needs `make install-real` (the model is dequantised into the store on first use); the store is
 SAFETY_LAB_STORE or outputs/store, only read (each side trains in a temporary store).
@@ -35,6 +36,7 @@ SAFETY_LAB_STORE or outputs/store, only read (each side trains in a temporary st
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import random
 import statistics
@@ -221,9 +223,9 @@ def sft_trl(base, template, pairs, batch_size: int) -> dict:
     }
 
 
-def full(base, template, pairs, batch_size: int, steps: int) -> dict:
+def full(base, template, pairs, batch_size: int, steps: int, around=None) -> dict:
     """Training FLOP/s of `steps` full fine-tuning steps (the first one, a warm-up, not counted) and the fp32
-    matmul peak measured before and after them."""
+    matmul peak measured before and after them; the fit runs inside the context `around` (a profiler)."""
     import torch
 
     from bench.train_step import matmul_peak_flops, training_flops
@@ -253,7 +255,8 @@ def full(base, template, pairs, batch_size: int, steps: int) -> dict:
             times[-1] = time.perf_counter() - times[-1]
 
     peaks = [matmul_peak_flops()]
-    stages.fit("full", Timed(base.model.requires_grad_(True), lr=LR), Packed(data), batch_size, 1, SEED)
+    with around or contextlib.nullcontext():
+        stages.fit("full", Timed(base.model.requires_grad_(True), lr=LR), Packed(data), batch_size, 1, SEED)
     peaks.append(matmul_peak_flops())
     return {
         "seconds": sum(times[1:]),
@@ -261,6 +264,18 @@ def full(base, template, pairs, batch_size: int, steps: int) -> dict:
         "peak": statistics.median(peaks),
         "threads": torch.get_num_threads(),
     }
+
+
+def profile_full(a) -> None:
+    """Print where the full fine-tuning side's time goes (torch.profiler, by operator; nothing recorded)."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    base, template, pairs, _ = base_and_pairs(a.pairs)
+    prof = torch_profile(activities=[ProfilerActivity.CPU])
+    result = full(base, template, pairs, a.batch_size, a.full_steps, around=prof)
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=20))
+    print(f"steps 2..{a.full_steps}: {result['flops'] / result['seconds']:.3e} FLOP/s, peak {result['peak']:.3e}")
 
 
 def child(side: str, a) -> None:
@@ -308,7 +323,10 @@ def main() -> None:
     parser.add_argument("--full-steps", type=int, default=6, help="full fine-tuning steps (the first not timed)")
     parser.add_argument("--quick", action="store_true", help="8 pairs, batch 4, one round, nothing recorded")
     parser.add_argument("--side", choices=SIDES, help="run one side in this process (the children)")
+    parser.add_argument("--profile", action="store_true", help="the full side under torch.profiler, nothing recorded")
     a = parser.parse_args()
+    if a.profile:
+        return profile_full(a)
     if a.quick:
         a.pairs, a.batch_size, a.repeats, a.full_steps = 8, 4, 1, 2
     if a.side:
