@@ -260,6 +260,7 @@ def full(base, template, pairs, batch_size: int, steps: int, around=None) -> dic
     peaks.append(matmul_peak_flops())
     return {
         "seconds": sum(times[1:]),
+        "steps": len(times) - 1,  # timed: at most --full-steps - 1, as many as --pairs fill
         "flops": sum(training_flops(base.model, step) for step in lengths[1:]),
         "peak": statistics.median(peaks),
         "threads": torch.get_num_threads(),
@@ -275,7 +276,7 @@ def profile_full(a) -> None:
     prof = torch_profile(activities=[ProfilerActivity.CPU])
     result = full(base, template, pairs, a.batch_size, a.full_steps, around=prof)
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=20))
-    print(f"steps 2..{a.full_steps}: {result['flops'] / result['seconds']:.3e} FLOP/s, peak {result['peak']:.3e}")
+    print(f"{result['steps']} timed steps: {result['flops'] / result['seconds']:.3e} FLOP/s, peak {result['peak']:.3e}")
 
 
 def child(side: str, a) -> None:
@@ -397,8 +398,8 @@ def main() -> None:
         0.55,
         True,
         command + f" --full-steps {a.full_steps}",
-        f"{MODEL}, method=sft method.lora=null model.packing=true, batch {a.batch_size}, {a.full_steps - 1} timed "
-        f"steps; peak: 2048² fp32 matmuls before and after, same process",
+        f"{MODEL}, method=sft method.lora=null model.packing=true, batch {a.batch_size}, "
+        f"{runs['full'][0]['steps']} timed steps; peak: 2048² fp32 matmuls before and after, same process",
         (med["full"]["peak_rss_mib"],) * 2,
     )
 
